@@ -139,7 +139,8 @@ class Stage1Config:
     perceptual_weight: float = 0.5
     kl_weight: float = 0.1  # final KL weight
     kl_anneal_epochs: int = 20  # linear 0 -> kl_weight
-    free_bits: float = 0.5  # nats per latent channel
+    free_bits: float = 0.5  # nats per latent element, averaged per channel (channels below it get no KL push)
+    num_sample_images: int = 8  # fixed val images in the reconstruction grids
 
 
 @dataclass
@@ -155,17 +156,32 @@ class Stage2Config:
     ema_decay: float = 0.999
     latent_clamp: float = 3.0
     cache_flips: bool = True
+    sample_prompts: list = field(
+        default_factory=lambda: [
+            "A red fire type Pokémon with a four-legged body.",
+            "A blue water type Pokémon with a fish-like body.",
+            "A green grass type Pokémon with a bipedal body.",
+            "A yellow electric type Pokémon with wings.",
+        ]
+    )
+    sample_images_per_prompt: int = 2  # fixed noise per (prompt, image) for the progress grids / GIF
 
 
 @dataclass
 class ClipConfig:
+    source: str = "auto"  # auto (pretrained open_clip if loadable, else domain CLIP) | pretrained | domain
     model: str = "ViT-B-32"
-    pretrained: str = "laion2b_s34b_b79k"
+    pretrained: str = "laion2b_s34b_b79k"  # an open_clip tag or a local weights file
+    domain_clip_path: Optional[str] = None  # reuse a fitted domain CLIP folder instead of fitting one
     domain_epochs: int = 30  # fitting the offline domain CLIP
     domain_batch_size: int = 64
     domain_learning_rate: float = 1e-3
+    domain_weight_decay: float = 0.05
     domain_embed_dim: int = 256
-    min_top1_over_chance: float = 2.0  # domain CLIP must beat chance top-1 by this factor
+    domain_hidden_dim: int = 512  # image projection MLP width
+    domain_image_backbone: str = "alex"  # alex | vgg (ST-LPIPS ImageNet trunks, shipped in stlpips-pytorch)
+    domain_image_size: int = 128  # sprites are resized to this for the image tower
+    min_top1_over_chance: float = 2.0  # domain CLIP must beat chance top-1 by this factor (0 disables)
 
 
 @dataclass
@@ -174,10 +190,13 @@ class Stage3Config:
     batch_size: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 1e-2
+    warmup_fraction: float = 0.1  # OneCycleLR pct_start
     grad_clip: float = 1.0
-    clip_weight: float = 1.0
-    denoise_weight: float = 1.0
-    anchor_weight: float = 0.0
+    clip_weight: float = 1.0  # 1 - cos(CLIP(decoded x0 prediction), CLIP(caption))
+    denoise_weight: float = 1.0  # stage 2's denoising loss under the fine-tuned encoder (keeps the U-Net's input)
+    anchor_weight: float = 0.0  # MSE to the original encoder's token embeddings (0 = off)
+    clip_max_timestep_fraction: float = 0.5  # CLIP term noises to t < this x T (x0 predictions stay legible)
+    eval_num_prompts: int = 32  # val captions sampled for the before/after CLIP score
 
 
 @dataclass
@@ -259,6 +278,20 @@ def _coerce(value: Any, tp, optional: bool, where: str):
     raise ConfigError(f"config key '{where}' expects {tp.__name__}, got {value!r}")
 
 
+def _parse_command_line_value(value: "CommandLineValue", tp, optional: bool, where: str):
+    if optional and value.lower() in ("null", "none", "~"):
+        return None
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as err:
+        if tp is str:
+            return str(value)
+        raise ConfigError(f"config key '{where}': cannot parse value {str(value)!r}: {err}") from None
+    if tp is str and not isinstance(parsed, str):
+        return str(value)  # `no`, `123`, `1e-4` stay text; a quoted "x" is unquoted by YAML above
+    return parsed
+
+
 def _merge(obj, updates: dict, prefix: str = ""):
     if not isinstance(updates, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {updates!r}")
@@ -271,6 +304,8 @@ def _merge(obj, updates: dict, prefix: str = ""):
             _merge(current, value, prefix=f"{where}.")
         else:
             tp, optional = _resolve_type(type(obj), key)
+            if isinstance(value, CommandLineValue):
+                value = _parse_command_line_value(value, tp, optional, where)
             setattr(obj, key, _coerce(value, tp, optional, where))
 
 
@@ -292,12 +327,17 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
     return chain + [data]
 
 
+class CommandLineValue(str):
+    """The raw text of a ``key=value`` override: parsed as YAML, except for string-typed keys, which keep
+    the text as typed (YAML would turn ``mixed_precision=no`` into the boolean False)."""
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``stage1.epochs=5`` -> ("stage1.epochs", 5); the value is parsed as YAML."""
+    """``stage1.epochs=5`` -> ("stage1.epochs", CommandLineValue("5")), typed when merged."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value (e.g. stage1.epochs=5)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), CommandLineValue(raw.strip())
 
 
 def nest(dotted: dict) -> dict:

@@ -23,6 +23,16 @@ def test_cli_overrides_win_and_are_typed():
     assert cfg.runtime.seed == 3 and cfg.data.trim is True
 
 
+def test_string_keys_keep_the_typed_text():
+    # YAML alone would read `no` as the boolean False and `null` as None
+    cfg = load_config(overrides=["runtime.mixed_precision=no", "text_encoder.name=yes", "stage2.min_snr_gamma=null"])
+    assert cfg.runtime.mixed_precision == "no" and cfg.text_encoder.name == "yes"
+    assert load_config(overrides=['text_encoder.name="/a b/c"']).text_encoder.name == "/a b/c"
+    assert cfg.stage2.min_snr_gamma is None
+    with pytest.raises(ConfigError, match="'runtime.seed' cannot be null"):
+        load_config(overrides=["runtime.seed=null"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -1,0 +1,113 @@
+"""Generate sprites from a saved pipeline: ``python -m pokediff.generate --model PATH "a prompt" --num 8``.
+
+Writes one PNG per sprite (``<out>_000.png``, ...) and a grid (``<out>``). Image ``k`` uses seed ``seed + k``,
+so any single sprite can be regenerated on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pokediff.pipeline import INFERENCE_SCHEDULERS, PokeSpritePipeline, make_inference_scheduler
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images in rows of ``cols`` (default: about square); keeps RGBA."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    mode = "RGBA" if any(im.mode == "RGBA" for im in images) else "RGB"
+    grid = Image.new(mode, (cols * w, rows * h), (0, 0, 0, 0) if mode == "RGBA" else (255, 255, 255))
+    for k, im in enumerate(images):
+        grid.paste(im.convert(mode), ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pokediff.generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompts", nargs="+", help='one or more captions ("" = unconditional)')
+    p.add_argument("--model", required=True, help="a saved PokeSpritePipeline folder (e.g. <run>/pipeline) or hub id")
+    p.add_argument("--num", type=int, default=8, help="sprites per prompt (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sprite; sprite k uses seed+k")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, >= 1 (default 4)")
+    p.add_argument("--negative", default=None, help="negative prompt (replaces the empty caption in guidance)")
+    p.add_argument("--scheduler", choices=sorted(INFERENCE_SCHEDULERS), default=None,
+                   help="sampler; default: the one saved with the pipeline (DPM-Solver++)")
+    p.add_argument("--rgba", action="store_true", help="key the background out to transparency")
+    p.add_argument("--batch-size", type=int, default=16, help="sprites per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--out", default="sprites.png", help="grid path (.png); sprites go beside it as <stem>_NNN.png")
+    return p.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
+    """Run the pipeline as the arguments say; returns the written paths (sprites, then the grid)."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png path (PNG keeps the sprites lossless and RGBA), got {out}")
+    for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    device = _device(args.device)
+    pipe = PokeSpritePipeline.from_pretrained(args.model)
+    if args.scheduler is not None:
+        pipe.scheduler = make_inference_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.to(device)
+
+    jobs = [(prompt, args.seed + k) for prompt in args.prompts for k in range(args.num)]
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        result = pipe(
+            [prompt for prompt, _ in chunk],
+            negative_prompt=args.negative,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk],
+            rgba=args.rgba,
+            output_type="pil",
+        )
+        images.extend(result.images)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, image in enumerate(images):
+        path = out.with_name(f"{out.stem}_{k:03d}.png")
+        image.save(path)
+        written.append(path)
+    image_grid(images, cols=args.num if len(args.prompts) > 1 else None).save(out)
+    written.append(out)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        written = generate(args)
+    except (OSError, ValueError) as err:  # OSError: missing folder/file, or a hub id that cannot be fetched
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written) - 1} sprites and the grid {written[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Stage 1: train the sprite VAE (L1 + perceptual + annealed KL with free bits), keep the best by val loss,
+then set its latent scaling factor to 1/std of the training latents."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
+from pokediff.models.perceptual import load_perceptual
+from pokediff.models.vae import SpriteVAE, build_vae
+from pokediff.training.common import (
+    CheckpointManager,
+    GradExplosionDetector,
+    LossLogger,
+    NonFiniteGuard,
+    OptimizerStepper,
+    TrainingState,
+    atomic_save_pretrained,
+    build_accelerator,
+    end_stage,
+    epoch_batches,
+    log_image_grid,
+    log_metrics,
+    maybe_compile,
+    one_cycle,
+    optimizer_steps,
+    save_image_grid,
+    seed_step,
+    start_stage,
+    to_channels_last,
+    unwrap,
+    wrap_dataloader_seeded,
+)
+
+logger = logging.getLogger(__name__)
+STAGE = "stage1"
+
+
+def kl_with_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL term to optimise, raw KL), both summed over channels of the per-element KL averaged per channel.
+
+    Free bits: a channel whose average KL is below ``free_bits`` nats contributes the constant ``free_bits``,
+    so the KL pressure cannot collapse it to the prior (posterior collapse).
+    """
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
+    per_channel = kl.mean(dim=(0, 2, 3))
+    return per_channel.clamp(min=free_bits).sum(), per_channel.sum()
+
+
+def kl_weight_at(step: int, updates_per_epoch: int, stage_cfg) -> float:
+    """Linear KL annealing 0 -> ``kl_weight`` over ``kl_anneal_epochs`` (fractional epochs)."""
+    if stage_cfg.kl_anneal_epochs <= 0:
+        return stage_cfg.kl_weight
+    progress = step / (updates_per_epoch * stage_cfg.kl_anneal_epochs)
+    return stage_cfg.kl_weight * min(1.0, progress)
+
+
+class VAETrainingModule(torch.nn.Module):
+    """Wraps the VAE so one ``forward`` (the call DDP synchronises) returns reconstruction and posterior."""
+
+    def __init__(self, vae: SpriteVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixel_values, sample_posterior: bool = True, encoder_hidden_states=None,
+                encoder_attention_mask=None):
+        posterior = self.vae.encode(pixel_values).latent_dist
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        recon = self.vae.decode(
+            z, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
+        ).sample
+        recon = recon[..., : pixel_values.shape[-2], : pixel_values.shape[-1]]
+        return recon, posterior.mean, posterior.logvar
+
+
+class _TextConditioner:
+    """Frozen text features for a VAE built with ``decoder_cross_attention`` (else a no-op)."""
+
+    def __init__(self, cfg, vae: SpriteVAE, device):
+        self.enabled = bool(vae.config.decoder_cross_attention)
+        if not self.enabled:
+            return
+        from pokediff.models.text import load_text_encoder
+
+        self.tokenizer, self.encoder = load_text_encoder(cfg.text_encoder.name)
+        self.encoder.requires_grad_(False).eval().to(device)
+        self.max_length = cfg.data.max_text_length
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, captions) -> dict:
+        if not self.enabled:
+            return {}
+        tokens = tokenize_captions(self.tokenizer, list(captions), self.max_length)
+        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        return {"encoder_hidden_states": self.encoder(ids, attention_mask=mask).last_hidden_state,
+                "encoder_attention_mask": mask}
+
+
+def _vae_losses(module, batch, perceptual, stage_cfg, kl_weight: float, text, sample_posterior: bool):
+    pixels = batch["pixel_values"]
+    recon, mean, logvar = module(pixels, sample_posterior=sample_posterior, **text(batch["text"]))
+    recon = recon.float()
+    l1 = (recon - pixels.float()).abs().mean()
+    perc = perceptual(recon, pixels.float()).mean() if perceptual is not None else torch.zeros((), device=l1.device)
+    kl_term, kl_raw = kl_with_free_bits(mean, logvar, stage_cfg.free_bits)
+    loss = stage_cfg.l1_weight * l1 + stage_cfg.perceptual_weight * perc + kl_weight * kl_term
+    return loss, {"l1": l1.detach(), "perceptual": perc.detach(), "kl": kl_raw.detach()}, recon
+
+
+@torch.no_grad()
+def evaluate_vae(accelerator, module, loader, perceptual, stage_cfg, text) -> float:
+    """Mean per-image val loss: posterior mode and the final KL weight, so epochs compare while annealing."""
+    module.eval()
+    per_image = []
+    for batch in loader:
+        pixels = batch["pixel_values"].float()
+        with accelerator.autocast():
+            recon, mean, logvar = module(batch["pixel_values"], sample_posterior=False, **text(batch["text"]))
+            perc = perceptual(recon.float(), pixels) if perceptual is not None else None
+        recon = recon.float()
+        loss = stage_cfg.l1_weight * (recon - pixels).abs().mean(dim=(1, 2, 3))
+        if perc is not None:
+            loss = loss + stage_cfg.perceptual_weight * perc.float().view(-1)
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
+        loss = loss + stage_cfg.kl_weight * kl.mean(dim=(2, 3)).clamp(min=stage_cfg.free_bits).sum(dim=1)
+        per_image.append(accelerator.gather_for_metrics(loss))
+    module.train()
+    return float(torch.cat(per_image).mean())
+
+
+@torch.no_grad()
+def save_reconstruction_grid(accelerator, module, images, captions, text, path) -> Path:
+    """Top row: inputs; bottom row: reconstructions (posterior mode), both in [0, 1]."""
+    module.eval()
+    with accelerator.autocast():
+        recon, _, _ = unwrap(accelerator, module)(images, sample_posterior=False, **text(captions))
+    module.train()
+    grid = torch.cat([images.float(), recon.float()]).add(1).div(2)
+    return save_image_grid(grid, path, nrow=images.shape[0])
+
+
+@torch.no_grad()
+def compute_scaling_factor(vae: SpriteVAE, loader, device, seed: int) -> float:
+    """1 / std of posterior samples over ``loader`` (as Stable Diffusion's 0.18215 was found)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    count, total, total_sq = 0, 0.0, 0.0
+    for batch in tqdm(loader, desc="latent scaling factor", leave=False):
+        posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        z = (posterior.mean + posterior.std * noise).double()
+        count += z.numel()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+    var = total_sq / count - (total / count) ** 2
+    if not math.isfinite(var) or var <= 0:
+        raise RuntimeError(f"cannot compute the latent scaling factor: latent variance is {var}")
+    return 1.0 / math.sqrt(var)
+
+
+def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
+    """Train the VAE; returns ``<run>/vae`` (best by val loss, ``scaling_factor`` set)."""
+    s1, rt = cfg.stage1, cfg.runtime
+    accelerator = build_accelerator(cfg, accelerator)
+    folder = start_stage(accelerator, cfg, STAGE)
+    vae_dir = folder / "vae"
+
+    splits = load_splits(cfg.data)
+    for name in ("train", "val"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
+    train_loader = wrap_dataloader_seeded(
+        build_dataloader(cfg.data, "train", s1.batch_size, shuffle=True, drop_last=True, dataset=splits["train"]),
+        rt.seed,
+    )
+    val_loader = build_dataloader(cfg.data, "val", s1.batch_size, shuffle=False, dataset=splits["val"])
+
+    vae = to_channels_last(build_vae(cfg.vae, cfg.data.resolution), rt.channels_last)
+    module = maybe_compile(VAETrainingModule(vae), rt.compile)
+    text = _TextConditioner(cfg, vae, accelerator.device)
+    perceptual = None
+    if s1.perceptual_weight > 0:
+        perceptual = load_perceptual(cfg.perceptual).to(accelerator.device)
+
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=s1.learning_rate, weight_decay=s1.weight_decay)
+    module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    updates_per_epoch, total_steps = optimizer_steps(
+        len(train_loader), s1.epochs, accelerator.gradient_accumulation_steps, rt.max_steps
+    )
+    lr_scheduler = accelerator.prepare(
+        one_cycle(optimizer, s1.learning_rate, total_steps, s1.warmup_fraction, accelerator.num_processes)
+    )
+
+    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    detector = GradExplosionDetector(rt.grad_explosion_factor)
+    stepper = OptimizerStepper(accelerator, module, optimizer, lr_scheduler, s1.grad_clip, guard, detector)
+    checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
+    losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
+
+    state = TrainingState(stage=STAGE, total_steps=total_steps)
+    resume_from = checkpoints.resolve(resume)
+    if resume_from is not None:
+        state = checkpoints.load(resume_from)
+        if state.total_steps != total_steps:
+            raise ValueError(
+                f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives {total_steps}: "
+                "resume with the same stage1 / runtime settings"
+            )
+        guard.load_state_dict(state.extra.get("guard", {}))
+        detector.load_state_dict(state.extra.get("detector", {}))
+        if accelerator.is_main_process:
+            losses.truncate_after(state.global_step)
+    elif resume is not None:
+        logger.info("no %s checkpoint to resume from in %s: starting fresh", STAGE, checkpoints.folder)
+
+    fixed = next(iter(build_dataloader(cfg.data, "val", s1.num_sample_images, shuffle=False, dataset=splits["val"])))
+    fixed_images = fixed["pixel_values"].to(accelerator.device)
+
+    def save_checkpoint():
+        state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict()}
+        checkpoints.save(state)
+
+    def validate_and_keep_best():
+        val_loss = evaluate_vae(accelerator, module, val_loader, perceptual, s1, text)
+        log_metrics(accelerator, losses, state.global_step, state.epoch, {"val_loss": val_loss})
+        if val_loss < state.best_val_loss:
+            state.best_val_loss = val_loss
+            if accelerator.is_main_process:
+                atomic_save_pretrained(unwrap(accelerator, module).vae, vae_dir)
+        accelerator.wait_for_everyone()
+
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="stage 1 (VAE)",
+                    disable=not accelerator.is_local_main_process)
+    module.train()
+    for epoch in range(state.epoch, s1.epochs):
+        if state.global_step >= total_steps:
+            break
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.batches_in_epoch = epoch, skip
+        for batch in epoch_batches(accelerator, train_loader, epoch, skip):
+            seed_step(rt.seed, state.batches_in_epoch, accelerator.process_index, f"{STAGE}:{epoch}")
+            kl_weight = kl_weight_at(state.global_step, updates_per_epoch, s1)
+            with accelerator.accumulate(module):
+                loss, parts, _ = _vae_losses(module, batch, perceptual, s1, kl_weight, text, True)
+                metrics = stepper.step(loss, state.global_step)
+            state.batches_in_epoch += 1
+            if metrics is None:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            log_metrics(accelerator, losses, state.global_step, epoch,
+                        {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "kl_weight": kl_weight,
+                         **metrics})
+            if state.global_step % rt.checkpoint_every_steps == 0 and state.global_step < total_steps:
+                save_checkpoint()
+            if state.global_step >= total_steps:
+                break
+        epoch_done = state.batches_in_epoch >= len(train_loader)
+        if epoch_done or state.global_step >= total_steps:
+            validate_and_keep_best()
+            sample_now = (epoch + 1) % rt.sample_every_epochs == 0 or state.global_step >= total_steps
+            if accelerator.is_main_process and sample_now:
+                grid = save_reconstruction_grid(accelerator, module, fixed_images, fixed["text"], text,
+                                                folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
+                log_image_grid(accelerator, "reconstructions", grid, state.global_step)
+        if epoch_done:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+    progress.close()
+    if not vae_dir.is_dir():  # resumed from a final checkpoint whose best weights were lost
+        validate_and_keep_best()
+    save_checkpoint()  # final
+
+    # The scaling factor is a property of the best weights, computed once on clean (un-augmented) train images.
+    if accelerator.is_main_process:
+        best = SpriteVAE.from_pretrained(str(vae_dir)).to(accelerator.device).eval()
+        clean = DataLoader(SpriteDataset(splits["train"], cfg.data, train=False), batch_size=s1.batch_size,
+                           collate_fn=collate_sprites)
+        factor = compute_scaling_factor(best, clean, accelerator.device, rt.seed)
+        best.register_to_config(scaling_factor=factor)
+        atomic_save_pretrained(best, vae_dir)
+        log_metrics(accelerator, losses, state.global_step, state.epoch, {"scaling_factor": factor})
+        logger.info("stage 1 done: best val loss %.4f, scaling factor %.4f -> %s", state.best_val_loss, factor, vae_dir)
+    checkpoints.close()
+    end_stage(accelerator)
+    return vae_dir

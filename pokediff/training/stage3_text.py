@@ -1,0 +1,432 @@
+"""Stage 3: fine-tune the text encoder so that what the frozen VAE + U-Net draw matches the caption.
+
+Loss = ``clip_weight`` x (1 - cos(CLIP(decoded x0 prediction), CLIP(caption)))
+     + ``denoise_weight`` x stage 2's denoising loss under the fine-tuned encoder
+     + ``anchor_weight`` x MSE to the original encoder's token embeddings.
+The VAE, U-Net and CLIP are frozen; gradients flow through them into the text encoder only. The CLIP is a
+pretrained open_clip model when its weights can be loaded, else a domain CLIP fitted here on the train
+split (``pokediff.models.clip``); a domain CLIP that does not beat chance retrieval on val stops the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel
+
+from pokediff.data import SpriteDataset, load_splits, tokenize_captions
+from pokediff.models.clip import (
+    DOMAIN_CLIP_DIRNAME,
+    ClipScorer,
+    ClipUnavailableError,
+    DomainClipScorer,
+    OpenClipScorer,
+    check_domain_clip,
+    fit_domain_clip,
+    load_domain_clip,
+    load_pretrained_clip,
+)
+from pokediff.models.text import load_text_encoder
+from pokediff.models.vae import SpriteVAE
+from pokediff.pipeline import build_noise_scheduler
+from pokediff.training.common import (
+    CheckpointManager,
+    GradExplosionDetector,
+    LossLogger,
+    NonFiniteGuard,
+    OptimizerStepper,
+    TrainingState,
+    atomic_save_pretrained,
+    build_accelerator,
+    end_stage,
+    epoch_batches,
+    log_image_grid,
+    log_metrics,
+    one_cycle,
+    optimizer_steps,
+    seed_step,
+    start_stage,
+    unwrap,
+)
+from pokediff.training.stage2_unet import (
+    LatentTextCache,
+    assemble_pipeline,
+    build_cache,
+    diffusion_loss,
+    encode_texts,
+    sample_grid,
+    validation_loss,
+)
+
+logger = logging.getLogger(__name__)
+STAGE = "stage3"
+METRICS_FILE = "stage3_metrics.json"
+
+
+# --------------------------------------------------------------------------------------- inputs
+def check_stage_weights(path, what: str, flag: str) -> Path:
+    """``path`` must be a saved diffusers model folder (config.json + safetensors), else a clear error."""
+    if path is None:
+        raise FileNotFoundError(f"stage 3 needs the {what}: pass {flag} (or run the earlier stages first)")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"stage 3 needs the {what}, but {path} does not exist (run that stage or pass {flag})")
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"stage 3 needs the {what}, but {path} has no config.json + *.safetensors "
+                                f"(a diffusers save_pretrained folder; pass {flag})")
+    return path
+
+
+def predict_x0(noise_scheduler, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor):
+    """The clean-latent estimate implied by the U-Net output at ``timesteps`` (epsilon or v prediction)."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
+    sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (noisy - sqrt_1ma * model_output) / sqrt_a
+    if prediction_type == "v_prediction":
+        return sqrt_a * noisy - sqrt_1ma * model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def decode(vae, latents_scaled, embeds=None, mask=None) -> torch.Tensor:
+    """Scaled latents -> images in [0, 1], differentiable (the pipeline's decode_latents without no_grad)."""
+    cross = getattr(vae, "decoder_cross_attn", None) is not None
+    image = vae.decode(latents_scaled / vae.config.scaling_factor,
+                       encoder_hidden_states=embeds if cross else None,
+                       encoder_attention_mask=mask if cross else None).sample
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------- CLIP
+def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool) -> tuple[ClipScorer, dict]:
+    """The CLIP stage 3 trains against, and what to record about it (logged and put in the model card)."""
+    clip_cfg, device = cfg.clip, accelerator.device
+    source = clip_cfg.source
+    if source not in ("auto", "pretrained", "domain"):
+        raise ValueError(f"clip.source must be auto | pretrained | domain, got '{source}'")
+    if source in ("auto", "pretrained"):
+        try:
+            model, tokenizer = load_pretrained_clip(clip_cfg.model, clip_cfg.pretrained, device)
+            scorer = OpenClipScorer(model, tokenizer, clip_cfg.model, clip_cfg.pretrained).to(device)
+            logger.info("stage 3 CLIP: pretrained %s", scorer.name)
+            return scorer, {"clip": scorer.name}
+        except ClipUnavailableError as err:
+            if source == "pretrained":
+                raise
+            logger.warning("stage 3: pretrained CLIP unavailable (%s); using a domain CLIP instead", err)
+
+    target = folder / DOMAIN_CLIP_DIRNAME
+    if clip_cfg.domain_clip_path:
+        where = Path(clip_cfg.domain_clip_path).expanduser()
+        logger.info("stage 3: using the domain CLIP at %s (clip.domain_clip_path)", where)
+    elif reuse_domain_clip and target.is_dir():
+        where = target
+        logger.info("stage 3: resuming with the domain CLIP already fitted at %s", where)
+    else:
+        where = target
+        if accelerator.is_main_process:
+            fit_domain_clip(clip_cfg, cfg.data, cfg.text_encoder.name, output_dir=target, splits=splits,
+                            device=device, seed=cfg.runtime.seed)
+        accelerator.wait_for_everyone()
+    model, tokenizer, metrics = load_domain_clip(where, device)
+    if metrics is None:
+        raise FileNotFoundError(f"domain CLIP {where} has no retrieval metrics file; refit it (unset clip.domain_clip_path)")
+    check_domain_clip(metrics, clip_cfg.min_top1_over_chance)
+    scorer = DomainClipScorer(model, tokenizer, str(where), metrics).to(device)
+    info = {
+        "clip": scorer.name,
+        "domain CLIP val top-1": f"{metrics['top1']:.3f} (chance {metrics['chance_top1']:.3f}, n={metrics['n']})",
+        "domain CLIP val top-5": f"{metrics['top5']:.3f} (chance {metrics['chance_top5']:.3f})",
+    }
+    logger.info("stage 3 CLIP: %s; val top-1 %s, top-5 %s", scorer.name, info["domain CLIP val top-1"],
+                info["domain CLIP val top-5"])
+    return scorer, info
+
+
+# ----------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_captions, val_cache: LatentTextCache,
+             noise_scheduler, grid_path: Path) -> dict:
+    """CLIP score of samples for val captions, val denoising loss, and the fixed-prompt sample grid."""
+    s3 = cfg.stage3
+    device = next(unet.parameters()).device
+    was_training = text_encoder.training
+    text_encoder.eval()
+    try:
+        embeds, masks = encode_texts(tokenizer, text_encoder, list(val_captions), cfg.data.max_text_length, device)
+        null_embed, null_mask = encode_texts(tokenizer, text_encoder, [""], cfg.data.max_text_length, device)
+        cache = LatentTextCache(val_cache.mean, val_cache.std, embeds, masks, null_embed, null_mask)
+        val_loss = validation_loss(unet, noise_scheduler, cache, float(vae.config.scaling_factor), cfg.stage2,
+                                   cfg.runtime.seed, s3.batch_size)
+        pipe = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer)
+        prompts = list(val_captions)[: s3.eval_num_prompts]
+        images = []
+        for start in range(0, len(prompts), s3.batch_size):
+            chunk = prompts[start : start + s3.batch_size]
+            generators = [torch.Generator(device="cpu").manual_seed(cfg.runtime.seed + start + i)
+                          for i in range(len(chunk))]
+            images.append(pipe(chunk, generator=generators, num_inference_steps=cfg.scheduler.num_inference_steps,
+                               guidance_scale=cfg.scheduler.guidance_scale, output_type="pt").images.float().cpu())
+        images = torch.cat(images)
+        clip_scores = scorer.score(images, prompts)
+        grid = sample_grid(cfg, pipe, grid_path)
+    finally:
+        text_encoder.train(was_training)
+    return {"val_clip_score": float(clip_scores.mean()), "val_denoise_loss": float(val_loss),
+            "num_prompts": len(prompts), "grid": str(grid)}
+
+
+# ----------------------------------------------------------------------------------------- saving
+def _atomic_copytree(src: Path, dst: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
+    shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    tokenizer.save_pretrained(tmp)
+    _atomic_copytree(tmp, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ stage
+def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[str] = None) -> Path:
+    """Fine-tune the text encoder on a frozen VAE + U-Net; returns ``<run>/pipeline`` (re-saved with it).
+
+    Writes ``<run>/text_encoder``, ``<run>/tokenizer``, ``<run>/domain_clip`` (when no pretrained CLIP),
+    ``<run>/stage3_metrics.json`` (CLIP choice, before/after CLIP score and denoising loss) and
+    ``samples/stage3_{before,after}.png``. Raises ``DomainClipTooWeakError`` (before any training) when the
+    domain CLIP does not beat chance retrieval on val by ``clip.min_top1_over_chance``.
+    """
+    s3, rt = cfg.stage3, cfg.runtime
+    vae_path = check_stage_weights(vae_path, "stage-1 VAE", "--vae-checkpoint")
+    unet_path = check_stage_weights(unet_path, "stage-2 U-Net", "--diffusion-checkpoint")
+    if not 0.0 < s3.clip_max_timestep_fraction <= 1.0:
+        raise ValueError(f"stage3.clip_max_timestep_fraction must be in (0, 1], got {s3.clip_max_timestep_fraction}")
+    if min(s3.clip_weight, s3.denoise_weight, s3.anchor_weight) < 0 or s3.clip_weight + s3.denoise_weight == 0:
+        raise ValueError("stage3 loss weights must be >= 0, with clip_weight or denoise_weight > 0")
+    if s3.eval_num_prompts < 1:
+        raise ValueError(f"stage3.eval_num_prompts must be >= 1, got {s3.eval_num_prompts}")
+
+    accelerator = build_accelerator(cfg, accelerator)
+    folder = start_stage(accelerator, cfg, STAGE)
+    device = accelerator.device
+
+    vae = SpriteVAE.from_pretrained(str(vae_path)).requires_grad_(False).eval().to(device)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_path)).requires_grad_(False).eval().to(device)
+    if vae.config.sample_size != cfg.data.resolution:
+        raise ValueError(f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
+                         f"is {cfg.data.resolution}: use the same resolution as stages 1-2")
+    tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
+    if unet.config.encoder_hid_dim not in (None, text_encoder.config.hidden_size):
+        raise ValueError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
+                         f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder")
+    text_encoder.to(device).eval()
+    scaling_factor = float(vae.config.scaling_factor)
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
+
+    splits = load_splits(cfg.data)
+    for name in ("train", "val"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"stage 3 needs a non-empty '{name}' split; check data.split_fractions / filters")
+
+    checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
+    resume_from = checkpoints.resolve(resume)
+    scorer, clip_info = select_clip(cfg, folder, splits, accelerator, reuse_domain_clip=resume_from is not None)
+    scorer.requires_grad_(False)
+
+    # Latents are cached once (as in stage 2); the frozen encoder's embeddings double as the anchor targets.
+    train_set = SpriteDataset(splits["train"], cfg.data, train=False)
+    val_set = SpriteDataset(splits["val"], cfg.data, train=False)
+    train_cache = build_cache(vae, tokenizer, text_encoder, train_set, cfg.data.max_text_length, device,
+                              flips=cfg.stage2.cache_flips)
+    val_cache = build_cache(vae, tokenizer, text_encoder, val_set, cfg.data.max_text_length, device, flips=False,
+                            desc="caching val latents")
+    captions = list(train_set.captions)
+    tokens = tokenize_captions(tokenizer, captions, cfg.data.max_text_length)  # once: one truncation warning
+    caption_ids, caption_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    null_tokens = tokenize_captions(tokenizer, [""], cfg.data.max_text_length)
+    null_ids, null_mask = null_tokens["input_ids"].to(device), null_tokens["attention_mask"].to(device)
+    with torch.no_grad():
+        clip_text = scorer.text_features(captions).float()
+
+    before = None
+    if accelerator.is_main_process and resume_from is None:
+        before = evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer, val_set.captions, val_cache,
+                          noise_scheduler, folder / "samples" / "stage3_before.png")
+        logger.info("stage 3 before: val CLIP score %.3f, val denoising loss %.5f", before["val_clip_score"],
+                    before["val_denoise_loss"])
+        log_image_grid(accelerator, "stage3_before", before["grid"], 0)
+    accelerator.wait_for_everyone()
+
+    train_loader = DataLoader(range(len(train_cache)), batch_size=s3.batch_size, shuffle=True, drop_last=True)
+    text_encoder.requires_grad_(True)
+    if getattr(text_encoder, "pooler", None) is not None:
+        # the pooled output is never used: a parameter without gradients would stall DDP
+        text_encoder.pooler.requires_grad_(False)
+    optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=s3.learning_rate, weight_decay=s3.weight_decay)
+    text_encoder, optimizer, train_loader = accelerator.prepare(text_encoder, optimizer, train_loader)
+    updates_per_epoch, total_steps = optimizer_steps(len(train_loader), s3.epochs,
+                                                     accelerator.gradient_accumulation_steps, rt.max_steps)
+    lr_scheduler = accelerator.prepare(
+        one_cycle(optimizer, s3.learning_rate, total_steps, s3.warmup_fraction, accelerator.num_processes))
+    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    detector = GradExplosionDetector(rt.grad_explosion_factor)
+    stepper = OptimizerStepper(accelerator, text_encoder, optimizer, lr_scheduler, s3.grad_clip, guard, detector)
+    losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
+
+    state = TrainingState(stage=STAGE, total_steps=total_steps)
+    if resume_from is not None:
+        state = checkpoints.load(resume_from)
+        if state.total_steps != total_steps:
+            raise ValueError(f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives "
+                             f"{total_steps}: resume with the same stage3 / runtime settings")
+        guard.load_state_dict(state.extra.get("guard", {}))
+        detector.load_state_dict(state.extra.get("detector", {}))
+        before = state.extra.get("before")
+        if accelerator.is_main_process:
+            losses.truncate_after(state.global_step)
+    elif resume is not None:
+        logger.info("no %s checkpoint to resume from in %s: starting fresh", STAGE, checkpoints.folder)
+
+    def save_checkpoint():
+        state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict(), "before": before}
+        checkpoints.save(state)
+
+    num_t = noise_scheduler.config.num_train_timesteps
+    clip_t_max = max(1, int(round(s3.clip_max_timestep_fraction * num_t)))
+    clamp = cfg.stage2.latent_clamp
+
+    def step_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mean, std = train_cache.mean[index], train_cache.std[index]
+        latents = ((mean + std * torch.randn_like(mean)) * scaling_factor).clamp(-clamp, clamp)
+        caption = index % train_cache.num_captions
+        ids, mask = caption_ids[caption], caption_mask[caption]
+        parts = {}
+        total = torch.zeros((), device=device)
+        batch = index.shape[0]
+        all_ids, all_mask = ids, mask
+        if s3.denoise_weight > 0:
+            # caption dropout as in stage 2: the "" embedding the pipeline's guidance uses stays in place too
+            drop = torch.rand(batch, device=device) < cfg.data.caption_dropout
+            all_ids = torch.cat([ids, torch.where(drop[:, None], null_ids, ids)])
+            all_mask = torch.cat([mask, torch.where(drop[:, None], null_mask, mask)])
+        # one encoder call per step (DDP expects one forward per backward)
+        all_embeds = text_encoder(input_ids=all_ids, attention_mask=all_mask).last_hidden_state
+        embeds = all_embeds[:batch]
+        if s3.clip_weight > 0:
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, clip_t_max, (batch,), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            pred = unet(noisy, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+            x0 = predict_x0(noise_scheduler, noisy, pred.float(), t).clamp(-clamp, clamp)
+            images = decode(vae, x0, embeds, mask)
+            cos = (scorer.image_features(images).float() * clip_text[caption]).sum(dim=-1)
+            parts["clip_loss"] = (1 - cos).mean()
+            parts["train_clip_score"] = (100 * cos.mean()).detach()
+            total = total + s3.clip_weight * parts["clip_loss"]
+        if s3.denoise_weight > 0:
+            parts["denoise_loss"] = diffusion_loss(unet, noise_scheduler, latents, all_embeds[batch:],
+                                                   all_mask[batch:], cfg.stage2)
+            total = total + s3.denoise_weight * parts["denoise_loss"]
+        if s3.anchor_weight > 0:
+            target, target_mask = train_cache.text(index)
+            weight = target_mask[..., None].float()
+            sq = (embeds.float() - target) ** 2 * weight
+            parts["anchor_loss"] = sq.sum() / (weight.sum() * embeds.shape[-1]).clamp_min(1)
+            total = total + s3.anchor_weight * parts["anchor_loss"]
+        return total, parts
+
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="stage 3 (text encoder)",
+                    disable=not accelerator.is_local_main_process)
+    text_encoder.train()
+    for epoch in range(state.epoch, s3.epochs):
+        if state.global_step >= total_steps:
+            break
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.batches_in_epoch = epoch, skip
+        for index in epoch_batches(accelerator, train_loader, epoch, skip):
+            seed_step(rt.seed, state.batches_in_epoch, accelerator.process_index, f"{STAGE}:{epoch}")
+            index = index.to(device)
+            with accelerator.accumulate(text_encoder):
+                with accelerator.autocast():  # the frozen U-Net / VAE / CLIP are not prepared: autocast by hand
+                    loss, parts = step_loss(index)
+                metrics = stepper.step(loss, state.global_step)
+            state.batches_in_epoch += 1
+            if metrics is None:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            log_metrics(accelerator, losses, state.global_step, epoch,
+                        {"loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}, **metrics})
+            if state.global_step % rt.checkpoint_every_steps == 0 and state.global_step < total_steps:
+                save_checkpoint()
+            if state.global_step >= total_steps:
+                break
+        if state.batches_in_epoch >= len(train_loader):
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+    progress.close()
+    save_checkpoint()  # final
+
+    pipeline_dir = folder / "pipeline"
+    if accelerator.is_main_process:
+        model = unwrap(accelerator, text_encoder).eval()
+        after = evaluate(cfg, vae, unet, model, tokenizer, scorer, val_set.captions, val_cache, noise_scheduler,
+                         folder / "samples" / "stage3_after.png")
+        log_image_grid(accelerator, "stage3_after", after["grid"], state.global_step)
+        log_metrics(accelerator, losses, state.global_step, state.epoch,
+                    {"val_clip_score": after["val_clip_score"], "val_denoise_loss": after["val_denoise_loss"]})
+        text_dir = atomic_save_pretrained(model, folder / "text_encoder")
+        _save_tokenizer(tokenizer, folder / "tokenizer")
+        report = {"clip": clip_info, "steps": state.global_step, "skipped_batches": guard.total_skipped,
+                  "before": before, "after": after}
+        if isinstance(scorer, DomainClipScorer):
+            report["domain_clip_retrieval"] = scorer.metrics
+        tmp = folder / f".tmp-{METRICS_FILE}"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, folder / METRICS_FILE)
+        if before is not None:
+            logger.info("stage 3: val CLIP score %.3f -> %.3f, val denoising loss %.5f -> %.5f (%s)",
+                        before["val_clip_score"], after["val_clip_score"], before["val_denoise_loss"],
+                        after["val_denoise_loss"], clip_info["clip"])
+
+        extra = {"run": rt.experiment_name, "stage 3 steps": state.global_step, "stage 3 CLIP": clip_info["clip"]}
+        extra.update({f"stage 3 {k}": v for k, v in clip_info.items() if k != "clip"})
+        if before is not None:
+            extra["stage 3 val CLIP score (before -> after)"] = (
+                f"{before['val_clip_score']:.2f} -> {after['val_clip_score']:.2f}")
+            extra["stage 3 val denoising loss (before -> after)"] = (
+                f"{before['val_denoise_loss']:.5f} -> {after['val_denoise_loss']:.5f}")
+        # assembled from the saved folders: exactly what users will load
+        pipe = assemble_pipeline(cfg, SpriteVAE.from_pretrained(str(vae_path)),
+                                 UNet2DConditionModel.from_pretrained(str(unet_path)),
+                                 AutoModel.from_pretrained(str(text_dir)), tokenizer)
+        pipe.save_pretrained(pipeline_dir, extra=extra)
+        if isinstance(scorer, DomainClipScorer):
+            # eval finds the domain CLIP beside the pipeline
+            _atomic_copytree(Path(scorer.path), pipeline_dir / DOMAIN_CLIP_DIRNAME)
+        logger.info("stage 3 done: %d steps -> %s", state.global_step, pipeline_dir)
+    checkpoints.close()
+    end_stage(accelerator)
+    return pipeline_dir

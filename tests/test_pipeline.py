@@ -1,0 +1,438 @@
+"""PokeSpritePipeline with tiny components: the properties diffusers' PipelineTesterMixin checks, plus ours."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from PIL import Image
+from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, tiny_pipeline, tiny_unet, tiny_vae
+
+from pokediff.config import SchedulerConfig
+from pokediff.pipeline import (
+    PokeSpritePipeline,
+    background_alpha,
+    build_inference_scheduler,
+    build_noise_scheduler,
+    make_inference_scheduler,
+    write_model_card,
+)
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny_pipe"))
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "pipeline"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def run(pipe, prompt="a small green creature", seed=0, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("output_type", "pt")
+    return pipe(prompt, generator=kw.pop("generator", gen(seed)), **kw).images
+
+
+def with_components(pipe, **changes):
+    components = {**pipe.components, **changes}
+    config = {"max_text_length": pipe.config.max_text_length, "background": pipe.config.background}
+    new = PokeSpritePipeline(**components, **config)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+# ------------------------------------------------------------------------------ outputs
+def test_output_types_and_shapes(pipe):
+    images = run(pipe, ["a red fire creature", "a blue fish"], num_images_per_prompt=2)
+    assert images.shape == (4, 3, 215, 215) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    array = run(pipe, output_type="np")
+    assert isinstance(array, np.ndarray) and array.shape == (1, 215, 215, 3)
+    pil = run(pipe, output_type="pil")
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (215, 215) and pil[0].mode == "RGB"
+    latents = run(pipe, output_type="latent")
+    assert latents.shape == (1, TINY_LATENT_CHANNELS, 27, 27)
+    as_tuple = pipe("x", num_inference_steps=1, output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (1, 3, 215, 215)
+
+
+def test_seeded_determinism(pipe):
+    a = run(pipe, seed=7, output_type="latent")
+    b = run(pipe, seed=7, output_type="latent")
+    c = run(pipe, seed=8, output_type="latent")
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert torch.equal(run(pipe, seed=7), run(pipe, seed=7))
+
+
+def test_batch_equals_one_by_one(pipe):
+    prompts = ["a red fire creature", "a blue water turtle with a shell", ""]
+    batched = run(pipe, prompts, generator=[gen(i) for i in range(3)], output_type="latent")
+    single = torch.cat([run(pipe, p, generator=gen(i), output_type="latent") for i, p in enumerate(prompts)])
+    # random tiny weights give large latents; compare relative to their scale (batched matmuls round differently)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5 * single.abs().max().item())
+    batched_img = run(pipe, prompts, generator=[gen(i) for i in range(3)])
+    single_img = torch.cat([run(pipe, p, generator=gen(i)) for i, p in enumerate(prompts)])
+    torch.testing.assert_close(batched_img, single_img, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="generators"):
+        run(pipe, prompts, generator=[gen(0), gen(1)])
+
+
+def test_classifier_free_guidance_on_off(pipe):
+    batch_sizes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        off = run(pipe, guidance_scale=1.0, output_type="latent")
+        assert batch_sizes == [1] * STEPS  # no unconditional pass
+        batch_sizes.clear()
+        on = run(pipe, guidance_scale=5.0, output_type="latent")
+        assert batch_sizes == [2] * STEPS  # conditional + unconditional
+    finally:
+        hook.remove()
+    assert not torch.allclose(on, off, atol=1e-5)
+    negative = run(pipe, guidance_scale=5.0, negative_prompt="a blurry grey blob", output_type="latent")
+    assert not torch.allclose(on, negative, atol=1e-5)
+    # the unconditional side is the empty caption by default
+    assert torch.equal(on, run(pipe, guidance_scale=5.0, negative_prompt="", output_type="latent"))
+
+
+def test_prompt_changes_output(pipe):
+    a = run(pipe, "a red fire creature", output_type="latent")
+    b = run(pipe, "a blue water turtle", output_type="latent")
+    assert not torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("ddim", DDIMScheduler), ("ddpm", DDPMScheduler), ("dpm", DPMSolverMultistepScheduler)]
+)
+def test_scheduler_swap(pipe, name, cls):
+    scheduler = make_inference_scheduler(name, pipe.scheduler.config)
+    assert isinstance(scheduler, cls)
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    swapped = with_components(pipe, scheduler=scheduler)
+    a = run(swapped, seed=1, output_type="latent")
+    assert a.shape == (1, TINY_LATENT_CHANNELS, 27, 27) and torch.isfinite(a).all()
+    assert torch.equal(a, run(swapped, seed=1, output_type="latent"))
+    if name != "dpm":
+        assert not torch.allclose(a, run(pipe, seed=1, output_type="latent"), atol=1e-5)
+    # the plain diffusers way works too
+    plain = with_components(pipe, scheduler=cls.from_config(pipe.scheduler.config))
+    assert run(plain, output_type="latent").shape == a.shape
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
+        make_inference_scheduler("euler", pipe.scheduler.config)
+
+
+def test_schedulers_from_config():
+    cfg = SchedulerConfig(prediction_type="v_prediction", inference_scheduler="ddim")
+    train = build_noise_scheduler(cfg)
+    assert isinstance(train, DDPMScheduler) and train.config.prediction_type == "v_prediction"
+    assert train.config.beta_schedule == "squaredcos_cap_v2" and train.config.num_train_timesteps == 1000
+    infer = build_inference_scheduler(cfg)
+    assert isinstance(infer, DDIMScheduler) and infer.config.prediction_type == "v_prediction"
+    assert infer.config.clip_sample is False
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_noise_scheduler(SchedulerConfig(prediction_type="sample_x"))
+
+
+def test_decoder_cross_attention_pipeline(pipe):
+    cross = with_components(pipe, vae=tiny_vae(decoder_cross_attention=True))
+    for block in cross.vae.decoder_cross_attn:
+        torch.nn.init.normal_(block.attn.to_out[0].weight, std=0.2)
+    latents = torch.randn(1, TINY_LATENT_CHANNELS, 27, 27)
+    a = run(cross, "a red fire creature", latents=latents)
+    b = run(cross, "a blue water turtle", latents=latents, guidance_scale=4.0)
+    assert a.shape == (1, 3, 215, 215) and not torch.allclose(a, b)
+
+
+def test_callback_on_step_end(pipe):
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, tuple(kwargs)))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    inputs = ["latents", "prompt_embeds"]
+    out = run(pipe, output_type="latent", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)
+    assert seen == [(i, ("latents", "prompt_embeds")) for i in range(STEPS)]
+    assert torch.count_nonzero(out) == 0  # the callback's latents were used
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        run(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+# ------------------------------------------------------------------------------ RGBA
+def test_background_alpha_keys_border_background_and_big_holes_only():
+    image = torch.ones(1, 3, 40, 40)  # white background
+    image[:, :, 10:30, 10:30] = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)  # red body
+    image[:, :, 18:22, 18:22] = 1.0  # a small white eye inside the body (1% of the image)
+    alpha = background_alpha(image, [255, 255, 255], tolerance=0.1, min_hole_fraction=0.02)
+    assert alpha.shape == (1, 1, 40, 40)
+    assert alpha[0, 0, 0, 0] == 0 and alpha[0, 0, 5, 35] == 0
+    assert alpha[0, 0, 15, 15] == 1
+    assert alpha[0, 0, 20, 20] == 1  # small enclosed white stays opaque
+    image[:, :, 13:27, 13:27] = 1.0  # now a red ring round a big white hole (12% of the image)
+    ring = background_alpha(image, [255, 255, 255], tolerance=0.1, min_hole_fraction=0.02)
+    assert ring[0, 0, 20, 20] == 0 and ring[0, 0, 11, 11] == 1
+    image[:, :, 0, 0] = 0.95  # near-white anti-aliasing: partly transparent
+    assert 0 < background_alpha(image, [255, 255, 255], tolerance=0.1)[0, 0, 0, 0] < 1
+    with pytest.raises(ValueError, match="rgba_tolerance"):
+        background_alpha(image, [255, 255, 255], tolerance=0)
+
+
+def test_background_alpha_recovers_real_sprite_alpha():
+    """Bundled artwork composited on white: the keyed alpha matches the true alpha."""
+    from pokediff.config import DEFAULT_DATA_DIR
+
+    for number in ("0001", "0025", "0151"):  # 0151: a tail curling round a gap
+        rgba = np.asarray(Image.open(DEFAULT_DATA_DIR / "images" / f"{number}.webp").convert("RGBA")) / 255.0
+        true_alpha = torch.from_numpy(rgba[..., 3]).float()
+        rgb = torch.from_numpy(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])).permute(2, 0, 1)[None].float()
+        keyed = background_alpha(rgb, [255, 255, 255])[0, 0]
+        pred, true = keyed > 0.5, true_alpha > 0.5
+        iou = (pred & true).sum() / (pred | true).sum()
+        assert iou > 0.9, (number, iou)
+        assert (true & ~pred).sum() < 0.01 * true.sum()  # no holes punched into the sprite
+
+
+def test_rgba_option(pipe):
+    rgb = run(pipe, seed=3)
+    rgba = run(pipe, seed=3, rgba=True)
+    assert rgba.shape == (1, 4, 215, 215)
+    assert torch.equal(rgba[:, :3], rgb)
+    assert torch.equal(rgba[:, 3:], background_alpha(rgb, pipe.config.background))
+    assert run(pipe, rgba=True, output_type="np").shape == (1, 215, 215, 4)
+    assert run(pipe, rgba=True, output_type="pil")[0].mode == "RGBA"
+    with pytest.raises(ValueError, match="rgba"):
+        run(pipe, rgba=True, output_type="latent")
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_empty_prompt_is_unconditional(pipe):
+    assert run(pipe, "").shape == (1, 3, 215, 215)
+    assert run(pipe, ["", "a red creature"]).shape == (2, 3, 215, 215)
+
+
+@pytest.mark.parametrize("prompt", [123, None, ["a cat", 5], ("ok", b"bytes")])
+def test_non_string_prompt_rejected(pipe, prompt):
+    with pytest.raises(ValueError, match="prompt"):
+        run(pipe, prompt)
+
+
+def test_empty_list_rejected(pipe):
+    with pytest.raises(ValueError, match="empty list"):
+        run(pipe, [])
+
+
+def test_overlong_prompt_truncated_with_warning(pipe, caplog):
+    long_prompt = " ".join(["fire"] * (3 * TINY_MAX_TEXT_LENGTH))
+    with caplog.at_level(logging.WARNING):
+        images = run(pipe, long_prompt)
+    assert images.shape == (1, 3, 215, 215)
+    assert any("truncated" in r.getMessage() and "1 of 1" in r.getMessage() for r in caplog.records)
+    # everything past the limit is dropped: a different tail gives the same image
+    other_tail = " ".join(["fire"] * (2 * TINY_MAX_TEXT_LENGTH) + ["water"] * TINY_MAX_TEXT_LENGTH)
+    assert torch.equal(run(pipe, long_prompt, output_type="latent"), run(pipe, other_tail, output_type="latent"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"output_type": "jpg"}, "output_type"),
+        ({"latents": torch.zeros(1, TINY_LATENT_CHANNELS, 16, 16)}, "latents"),
+        ({"negative_prompt": ["a", "b"]}, "negative_prompt"),
+        ({"negative_prompt": 3}, "negative_prompt"),
+    ],
+)
+def test_bad_call_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run(pipe, **kwargs)
+
+
+def test_one_step_works(pipe):
+    assert run(pipe, num_inference_steps=1).shape == (1, 3, 215, 215)
+
+
+def test_mismatched_components_rejected(pipe):
+    with pytest.raises(ValueError, match="latent_channels"):
+        with_components(pipe, vae=tiny_vae().__class__(latent_channels=3, block_out_channels=(8, 8), norm_num_groups=4))
+    with pytest.raises(ValueError, match="encoder_hid_dim"):
+        with_components(pipe, unet=tiny_unet(text_dim=48))
+    with pytest.raises(ValueError, match="background"):
+        PokeSpritePipeline(**pipe.components, background=[255, 255])
+
+
+# ------------------------------------------------------------------------------ save / load
+def test_save_load_bit_exact(pipe, saved):
+    files = [p for p in saved.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert {p.parent.name for p in weights} == {"vae", "unet", "text_encoder"}
+    assert all(p.suffix == ".safetensors" for p in weights)
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == "PokeSpritePipeline"
+    assert index["vae"] == ["pokediff.models.vae", "SpriteVAE"]
+    assert (saved / "README.md").is_file()
+
+    loaded = PokeSpritePipeline.from_pretrained(saved)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.max_text_length == pipe.config.max_text_length
+    assert list(loaded.config.background) == list(pipe.config.background)
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    for name in ("vae", "unet", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert torch.equal(run(pipe, seed=5), run(loaded, seed=5))
+
+
+def test_plain_diffusion_pipeline_resolves_our_class(saved):
+    loaded = DiffusionPipeline.from_pretrained(saved)
+    assert isinstance(loaded, PokeSpritePipeline)
+
+
+def test_resave_keeps_foreign_entries(pipe, tmp_path):
+    folder = tmp_path / "pipeline"
+    pipe.save_pretrained(folder)
+    (folder / "domain_clip").mkdir()
+    (folder / "domain_clip" / "config.json").write_text("{}")
+    pipe.save_pretrained(folder)
+    assert (folder / "domain_clip" / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    with pytest.raises(ValueError, match="safetensors"):
+        pipe.save_pretrained(folder, safe_serialization=False)
+
+
+def test_load_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PokeSpritePipeline.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        PokeSpritePipeline.from_pretrained(tmp_path / "empty")
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved, run_dir / "pipeline")
+    with pytest.raises(FileNotFoundError, match="training run folder"):
+        PokeSpritePipeline.from_pretrained(run_dir)
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(FileNotFoundError, match="'unet'"):
+        PokeSpritePipeline.from_pretrained(broken)
+    index = json.loads((saved / "model_index.json").read_text())
+    no_entry = tmp_path / "no_entry"
+    shutil.copytree(saved, no_entry)
+    (no_entry / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "tokenizer"}))
+    with pytest.raises(ValueError, match="'tokenizer'"):
+        PokeSpritePipeline.from_pretrained(no_entry)
+    other = tmp_path / "other"
+    shutil.copytree(saved, other)
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="StableDiffusionPipeline"):
+        PokeSpritePipeline.from_pretrained(other)
+
+
+# ------------------------------------------------------------------------------ model card / hub
+def test_model_card_content(saved, tmp_path):
+    folder = tmp_path / "card"
+    shutil.copytree(saved, folder)
+    path = write_model_card(folder, metrics={"fid": 42.123456, "clip_score": 25.5}, extra={"stage2_epochs": 300})
+    card = path.read_text()
+    assert card.startswith("---\nlibrary_name: diffusers")
+    expected = [
+        "## Training data", "905 Pokémon", "## Training stages", f"215x215x3 -> 27x27x{TINY_LATENT_CHANNELS} latent",
+        "U-Net", "## Metrics", "| fid | 42.12 |", "| clip_score | 25.5 |", "| stage2_epochs | 300 |",
+        "## Example prompts", "Nintendo", "non-commercial", "PokeSpritePipeline.from_pretrained", "SpriteVAE",
+        "DPMSolverMultistepScheduler", f"Max text length: {TINY_MAX_TEXT_LENGTH} tokens",
+    ]  # fmt: skip
+    for text in expected:
+        assert text in card, text
+    assert "## Metrics" not in write_model_card(folder).read_text()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        write_model_card(tmp_path)
+
+
+def test_push_to_hub_uploads_folder_with_card(pipe, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "someone/pokesprite"
+
+    def fake_upload(repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*") if p.is_file())
+        uploaded["card"] = (folder_path / "README.md").read_text()
+        return "https://hub/commit"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    assert pipe.push_to_hub("pokesprite", metrics={"fid": 40.0}) == "https://hub/commit"
+    assert uploaded["repo_id"] == "someone/pokesprite"
+    assert "model_index.json" in uploaded["files"] and "unet/diffusion_pytorch_model.safetensors" in uploaded["files"]
+    assert 'from_pretrained("someone/pokesprite")' in uploaded["card"] and "| fid | 40 |" in uploaded["card"]
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_generate_cli_writes_sprites_and_grid(saved, tmp_path, capsys):
+    from pokediff.generate import main
+
+    out = tmp_path / "out" / "sprites.png"
+    argv = ["--model", str(saved), "a red creature", "", "--num", "2", "--steps", "1", "--scheduler", "ddim",
+            "--rgba", "--batch-size", "3", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    sprites = sorted(out.parent.glob("sprites_*.png"))
+    assert [p.name for p in sprites] == [f"sprites_{k:03d}.png" for k in range(4)]
+    first = Image.open(sprites[0])
+    assert first.size == (215, 215) and first.mode == "RGBA"
+    grid = Image.open(out)
+    assert grid.size == (2 * 215, 2 * 215) and grid.mode == "RGBA"  # one row per prompt
+    assert "wrote 4 sprites" in capsys.readouterr().out
+    # sprite k uses seed + k: the second sprite alone (seed 1) matches
+    again = tmp_path / "again.png"
+    assert main(["--model", str(saved), "a red creature", "--num", "1", "--seed", "1", "--steps", "1",
+                 "--scheduler", "ddim", "--rgba", "--out", str(again)]) == 0
+    alone = np.asarray(Image.open(tmp_path / "again_000.png")).astype(int)
+    assert np.abs(alone - np.asarray(Image.open(sprites[1])).astype(int)).max() <= 2  # batched float rounding
+    assert np.abs(alone - np.asarray(Image.open(sprites[0])).astype(int)).max() > 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "x.jpg"], ".png"),
+        (["--num", "0"], "--num"),
+        (["--guidance", "0.5"], "guidance_scale"),
+        (["--steps", "0"], "num_inference_steps"),
+    ],
+)
+def test_generate_cli_errors(saved, tmp_path, capsys, extra, message, monkeypatch):
+    from pokediff.generate import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(saved), "a cat", "--num", "1", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_cli_missing_model(tmp_path, capsys):
+    from pokediff.generate import main
+
+    assert main(["--model", str(tmp_path / "nope"), "a cat", "--out", str(tmp_path / "s.png")]) == 2
+    assert "pipeline folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "a cat", "--scheduler", "euler"])

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Train pokediff in three stages: 1 = VAE, 2 = U-Net on cached latents, 3 = text alignment.
+
+    accelerate launch train_3stage.py --config configs/default.yaml --stage all
+    python train_3stage.py --config configs/tiny.yaml --stage 1 --max-steps 20 stage1.batch_size=4
+    python train_3stage.py --resume latest            # continue the run named by the config
+    python train_3stage.py --data-stats               # describe the dataset and exit
+
+Any trailing ``key=value`` overrides a config key (``pokediff/config.py`` lists them). A run lands in
+``<output_dir>/<experiment_name>/`` with config.yaml, losses.csv, logs/, samples/, checkpoints/, vae/, unet/,
+pipeline/ (a ``PokeSpritePipeline`` that ``from_pretrained`` loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pokediff.config import CONFIG_DIR, ConfigError, load_config
+
+logger = logging.getLogger("train_3stage")
+STAGES = ("1", "2", "3")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CONFIG_DIR / "default.yaml"), help="YAML config (default: %(default)s)")
+    parser.add_argument("--stage", choices=("all",) + STAGES, default="all", help="which stage(s) to run")
+    parser.add_argument("--experiment-name", help="run folder name (runtime.experiment_name)")
+    parser.add_argument("--output-dir", help="parent of the run folder (runtime.output_dir)")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="'latest' continues each stage from its newest checkpoint (a finished stage is only "
+                             "re-finalised); PATH is one checkpoint folder, whose stage is resumed")
+    parser.add_argument("--vae-checkpoint", help="VAE folder for stages 2-3 (default: <run>/vae)")
+    parser.add_argument("--diffusion-checkpoint",
+                        help="U-Net folder or pipeline folder for stage 3 (default: <run>/unet)")
+    parser.add_argument("--data-stats", action="store_true", help="print dataset statistics as JSON and exit")
+    parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps (smoke runs)")
+    parser.add_argument("--push-to-hub", action="store_true", help="upload <run>/pipeline when training ends")
+    parser.add_argument("--hub-model-id", help="hub repository for --push-to-hub, e.g. user/pokediff")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage1.epochs=5")
+    return parser.parse_args(argv)
+
+
+def build_run_config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    for flag, key in (("experiment_name", "runtime.experiment_name"), ("output_dir", "runtime.output_dir"),
+                      ("max_steps", "runtime.max_steps"), ("hub_model_id", "hub.hub_model_id")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.push_to_hub:
+        overrides.append("hub.push_to_hub=true")
+    cfg = load_config(args.config, overrides)
+    if cfg.hub.push_to_hub and not cfg.hub.hub_model_id:
+        raise ConfigError("--push-to-hub needs --hub-model-id (or hub.hub_model_id=...)")
+    return cfg
+
+
+def _stage_of_checkpoint(path: str) -> str:
+    from pokediff.training.common import TRAINING_STATE_NAME
+
+    state_file = Path(path).expanduser() / TRAINING_STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder ({TRAINING_STATE_NAME} missing)")
+    stage = json.loads(state_file.read_text())["stage"]  # "stage1" ...
+    return stage.removeprefix("stage")
+
+
+def _resolve_diffusion(args, run: Path) -> tuple[Path, Path | None]:
+    """(unet folder, vae folder implied by a pipeline folder or None)."""
+    if args.diffusion_checkpoint is None:
+        return run / "unet", None
+    path = Path(args.diffusion_checkpoint).expanduser()
+    if (path / "model_index.json").is_file():
+        return path / "unet", path / "vae"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--diffusion-checkpoint {path}: neither a U-Net folder nor a pipeline folder")
+    return path, None
+
+
+def push_pipeline(cfg, pipeline_dir: Path) -> str:
+    """Upload the pipeline folder (with its model card naming the repo) to ``cfg.hub.hub_model_id``."""
+    from huggingface_hub import create_repo, upload_folder
+
+    from pokediff.pipeline import write_model_card
+
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"nothing to push: {pipeline_dir} is not a pipeline folder")
+    repo_id = create_repo(cfg.hub.hub_model_id, private=cfg.hub.private, exist_ok=True).repo_id
+    write_model_card(pipeline_dir, extra={"run": cfg.runtime.experiment_name}, repo_id=repo_id)
+    upload_folder(repo_id=repo_id, folder_path=str(pipeline_dir), commit_message="Upload PokeSpritePipeline")
+    return repo_id
+
+
+def main(argv=None, accelerator=None) -> dict:
+    """Run the requested stages; returns {"vae": path, "unet": path, "pipeline": path, ...} of what was made."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+    args = parse_args(argv)
+    cfg = build_run_config(args)
+
+    if args.data_stats:
+        from pokediff.data import print_data_stats
+        from pokediff.models.text import load_text_encoder
+
+        tokenizer, _ = load_text_encoder(cfg.text_encoder.name)
+        return {"data_stats": print_data_stats(cfg.data, tokenizer)}
+
+    from pokediff.training.common import build_accelerator, run_dir
+
+    run = run_dir(cfg)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    resume_for = {s: args.resume for s in stages}
+    if args.resume not in (None, "latest"):
+        # an explicit checkpoint belongs to one stage: earlier stages are done, later ones start fresh
+        stage = _stage_of_checkpoint(args.resume)
+        if stage not in stages:
+            raise ValueError(f"--resume {args.resume} is a stage {stage} checkpoint but --stage {args.stage} was asked")
+        stages = stages[stages.index(stage):]
+        resume_for = {s: (args.resume if s == stage else None) for s in stages}
+
+    own_accelerator = accelerator is None
+    accelerator = build_accelerator(cfg, accelerator)
+    outputs: dict = {}
+    vae_path = Path(args.vae_checkpoint).expanduser() if args.vae_checkpoint else run / "vae"
+    unet_path, pipeline_vae = _resolve_diffusion(args, run)
+    if pipeline_vae is not None and args.vae_checkpoint is None:
+        vae_path = pipeline_vae
+
+    if "1" in stages:
+        from pokediff.training.stage1_vae import train_stage1
+
+        vae_path = outputs["vae"] = train_stage1(cfg, accelerator, resume=resume_for["1"])
+    if "2" in stages:
+        from pokediff.training.stage2_unet import train_stage2
+
+        unet_path = outputs["unet"] = train_stage2(cfg, vae_path, accelerator, resume=resume_for["2"])
+        outputs["pipeline"] = run / "pipeline"
+    if "3" in stages:
+        from pokediff.training.stage3_text import train_stage3
+
+        outputs["pipeline"] = train_stage3(cfg, vae_path, unet_path, accelerator, resume=resume_for["3"])
+
+    if cfg.hub.push_to_hub and accelerator.is_main_process:
+        outputs["hub_repo"] = push_pipeline(cfg, Path(outputs.get("pipeline", run / "pipeline")))
+    accelerator.wait_for_everyone()
+    if own_accelerator:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        logger.info("done: %s", {k: str(v) for k, v in outputs.items()})
+    return outputs
+
+
+if __name__ == "__main__":
+    from pokediff.data import BadDataError
+    from pokediff.models.clip import ClipUnavailableError, DomainClipTooWeakError
+    from pokediff.training.common import NonFiniteLossError
+
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, BadDataError, ClipUnavailableError, DomainClipTooWeakError,
+            NonFiniteLossError) as err:
+        # expected failures get one clear line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
