@@ -84,16 +84,11 @@ def _resolve_diffusion(args, run: Path) -> tuple[Path, Path | None]:
 
 def push_pipeline(cfg, pipeline_dir: Path) -> str:
     """Upload the pipeline folder (with its model card naming the repo) to ``cfg.hub.hub_model_id``."""
-    from huggingface_hub import create_repo, upload_folder
+    from pokediff.pipeline import push_pipeline_folder
 
-    from pokediff.pipeline import write_model_card
-
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"nothing to push: {pipeline_dir} is not a pipeline folder")
-    repo_id = create_repo(cfg.hub.hub_model_id, private=cfg.hub.private, exist_ok=True).repo_id
-    write_model_card(pipeline_dir, extra={"run": cfg.runtime.experiment_name}, repo_id=repo_id)
-    upload_folder(repo_id=repo_id, folder_path=str(pipeline_dir), commit_message="Upload PokeSpritePipeline")
-    return repo_id
+    push_pipeline_folder(pipeline_dir, cfg.hub.hub_model_id, extra={"run": cfg.runtime.experiment_name},
+                         private=cfg.hub.private)
+    return cfg.hub.hub_model_id
 
 
 def main(argv=None, accelerator=None) -> dict:

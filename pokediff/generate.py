@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pokediff.device import resolve_device
 from pokediff.pipeline import INFERENCE_SCHEDULERS, PokeSpritePipeline, make_inference_scheduler
 
 
@@ -49,15 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run the pipeline as the arguments say; returns the written paths (sprites, then the grid)."""
     out = Path(args.out)
@@ -66,7 +58,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     pipe = PokeSpritePipeline.from_pretrained(args.model)
     if args.scheduler is not None:
         pipe.scheduler = make_inference_scheduler(args.scheduler, pipe.scheduler.config)

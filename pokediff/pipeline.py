@@ -241,15 +241,12 @@ class PokeSpritePipeline(DiffusionPipeline):
         create_pr: bool = False,
     ) -> str:
         """Save to a temporary folder with a generated model card and upload it to ``repo_id``."""
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "pipeline"
             self.save_pretrained(folder, model_card=False)
-            write_model_card(folder, metrics=metrics, extra=extra, repo_id=repo_id)
-            return upload_folder(
-                repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message, create_pr=create_pr
+            return push_pipeline_folder(
+                folder, repo_id, metrics=metrics, extra=extra, private=private, token=token,
+                commit_message=commit_message, create_pr=create_pr,
             )
 
     # -------------------------------------------------------------- properties
@@ -554,6 +551,28 @@ def check_pipeline_folder(path) -> dict:
         if not (path / name).is_dir():
             raise FileNotFoundError(f"pipeline folder {path} lacks the '{name}' component folder ({path / name})")
     return index
+
+
+def push_pipeline_folder(
+    folder,
+    repo_id: str,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload PokeSpritePipeline",
+    create_pr: bool = False,
+):
+    """Upload a saved pipeline folder to ``repo_id`` after (re)writing its model card; returns the commit info."""
+    from huggingface_hub import create_repo, upload_folder
+
+    folder = Path(folder)
+    check_pipeline_folder(folder)
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    write_model_card(folder, metrics=metrics, extra=extra, repo_id=repo_id)
+    return upload_folder(
+        repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message, create_pr=create_pr
+    )
 
 
 # ------------------------------------------------------------------------------------------ model card

@@ -131,14 +131,14 @@ def test_push_to_hub_uploads_the_pipeline_folder_with_a_model_card(tmp_path, mon
     class Repo:
         repo_id = "someone/pokediff-test"
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, private, exist_ok: calls.update(
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, private, exist_ok, **kw: calls.update(
         create=(repo_id, private)) or Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
     cfg = train_3stage.build_run_config(train_3stage.parse_args(
         ["--push-to-hub", "--hub-model-id", "someone/pokediff-test", f"runtime.output_dir={tmp_path}"]))
     assert train_3stage.push_pipeline(cfg, folder) == "someone/pokediff-test"
     assert calls["create"] == ("someone/pokediff-test", False)
-    assert calls["upload"]["repo_id"] == "someone/pokediff-test" and calls["upload"]["folder_path"] == str(folder)
+    assert calls["upload"]["repo_id"] == "someone/pokediff-test" and Path(calls["upload"]["folder_path"]) == folder
     assert "someone/pokediff-test" in (folder / "README.md").read_text()
-    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
         train_3stage.push_pipeline(cfg, tmp_path / "nothing")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pokediff.config import DataConfig, config_from_dict, load_config, nest
+from pokediff.device import resolve_device
 from pokediff.data import COLOR_NAMES, SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
 
 from .color import agreement_from_predictions, color_in_text, dominant_color
@@ -92,10 +93,6 @@ class EvalSettings:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _run_config(sampler):
     """The training run's resolved config (``<run>/config.yaml`` beside a pipeline folder), or None."""
     if isinstance(sampler, DiffusionSampler):
@@ -288,7 +285,7 @@ def evaluate(
     settings = settings or EvalSettings()
     settings.check()
     started = time.perf_counter()
-    device = device or default_device()
+    device = str(device or resolve_device("auto"))
     sampler = load_sampler(model_path, device, settings.steps, settings.guidance, use_ema=settings.use_ema)
     data_cfg = resolve_data_config(sampler, data_overrides)
     if sampler.resolution and sampler.resolution != data_cfg.resolution:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pokediff.data import TYPE_NAMES
+from pokediff.device import resolve_device
 from pokediff.gan.checkpoint import load_generator, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = resolve_device(args.device)
         checkpoint = resolve_checkpoint(args.checkpoint)
         images = sample_from_checkpoint(
             checkpoint, args.num, seed=args.seed, type_name=args.type_name, use_ema=not args.no_ema, device=device,

@@ -25,7 +25,8 @@ from pokediff.config import ConfigError, config_from_dict, nest, parse_override,
 from pokediff.data import TYPE_NAMES, build_dataloader, load_splits, load_sprite_dataset, primary_type_id
 from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_meta, resolve_checkpoint
 from pokediff.gan.config import MODEL_NAMES, GanConfig, default_config_path, load_gan_config, validate_gan_config
-from pokediff.gan.trainer import GanTrainer, resolve_device
+from pokediff.device import resolve_device
+from pokediff.gan.trainer import GanTrainer
 
 logger = logging.getLogger(__name__)
 

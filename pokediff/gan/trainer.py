@@ -23,15 +23,6 @@ from pokediff.gan.registry import build_models
 BatchFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"runtime.device='{name}' but CUDA is not available; use 'cpu' or 'auto'")
-    return device
-
-
 class GanTrainer:
     def __init__(self, cfg: GanConfig, device="cpu"):
         self.cfg = cfg
