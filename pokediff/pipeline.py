@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pokediff.fileio import swap_into_place
 from pokediff.data import tokenize_captions
 from pokediff.models.vae import SpriteVAE
 
@@ -226,7 +227,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             target.mkdir(exist_ok=True)
             entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
             for entry in entries:
-                _replace_entry(entry, target / entry.name)
+                swap_into_place(entry, target / entry.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -515,17 +516,6 @@ class PokeSpritePipeline(DiffusionPipeline):
 
 
 # ------------------------------------------------------------------------------------------ folders
-def _replace_entry(src: Path, dst: Path) -> None:
-    """Move ``src`` onto ``dst``; an existing folder is swapped out by rename, then deleted."""
-    if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def check_pipeline_folder(path) -> dict:
     """Raise a clear error unless ``path`` is a saved PokeSpritePipeline folder; returns its model_index."""
     path = Path(path)

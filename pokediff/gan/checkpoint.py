@@ -15,7 +15,6 @@ half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pokediff.fileio import swap_into_place
 
 MARKER = "gan_checkpoint.json"
 FORMAT = "pokediff-gan-checkpoint"
@@ -102,13 +103,7 @@ def save_gan_checkpoint(
             "optimizers": opt_meta,
         }
         (tmp / MARKER).write_text(json.dumps(document, indent=2))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".old-{path.name}-"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+from pokediff.fileio import swap_into_place
 from pokediff.config import save_config
 
 logger = logging.getLogger(__name__)
@@ -506,14 +507,7 @@ class CheckpointManager:
             self._pending_state = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if final.exists():  # same step saved again (e.g. the final save right after a periodic one)
-                old = self.folder / f".old-{name}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            swap_into_place(tmp, final)  # the same step may be saved twice (final save after a periodic one)
             for stale in self.checkpoints()[: -self.total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
@@ -535,17 +529,9 @@ def atomic_save_pretrained(model, folder, **kwargs) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}"
-    old = folder.parent / f".old-{folder.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    return folder
+    return swap_into_place(tmp, folder)
 
 
 # ----------------------------------------------------------------------------------------- logging

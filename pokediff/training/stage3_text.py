@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from pokediff.fileio import swap_into_place
 from pokediff.data import SpriteDataset, load_splits, tokenize_captions
 from pokediff.models.clip import (
     DOMAIN_CLIP_DIRNAME,
@@ -192,14 +193,7 @@ def _atomic_copytree(src: Path, dst: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
     shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+    swap_into_place(tmp, dst)
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
