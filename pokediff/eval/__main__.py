@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=defaults.features, choices=FEATURE_NETS,
                    help="FID feature network: inception (standard, comparable FID) or pixels (a weight-free "
                         "stand-in for smoke tests, not comparable) (default: %(default)s)")
+    p.add_argument("--no-memorization", action="store_true",
+                   help="skip the nearest-training-image check (it needs the train split's features once)")
     p.add_argument("--grid-size", type=int, default=defaults.grid_size, help="samples in the grid PNG")
     p.add_argument("--cache-dir", default=None,
                    help="reference-feature cache (default: $POKEDIFF_CACHE_DIR or ~/.cache/pokediff, + /eval)")
@@ -68,7 +70,7 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
         guidance=args.guidance, use_ema=not args.no_ema, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, diversity_prompts=args.diversity_prompts,
         diversity_samples=args.diversity_samples, recon_num=args.recon_num, grid_size=args.grid_size,
-        clip=args.clip, features=args.features, cache_dir=args.cache_dir,
+        clip=args.clip, features=args.features, cache_dir=args.cache_dir, memorization=not args.no_memorization,
     )
     overrides = list(args.data_overrides)
     if args.data_root:

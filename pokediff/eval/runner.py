@@ -30,6 +30,7 @@ from .color import agreement_from_predictions, color_in_text, dominant_color
 from .diversity import grouped_diversity
 from .inception import FEATURE_NETS, load_feature_net
 from .fid import extract_features, frechet_distance, kernel_inception_distance
+from .memorization import memorization_metrics
 from .reconstruction import reconstruction_metrics
 from .reference_stats import feature_net_name, real_image_batches, reference_features
 from .sampling import DiffusionSampler, load_sampler
@@ -44,11 +45,13 @@ METRIC_KEYS = (
     "color_agreement", "color_agreement_real",
     "diversity", "diversity_real_dataset",
     "recon_l1", "recon_psnr", "recon_perceptual",
+    "nn_train_similarity_mean", "nn_train_similarity_max", "nn_train_similarity_real_mean",
+    "nn_train_similarity_real_max", "nn_train_closer_than_real_max",
 )
 RESULT_KEYS = (
     "schema_version", "model", "protocol", "split", "num_samples", "seed", "resolution", "sampling", "metrics",
     "skipped", "clip_scorer", "feature_extractor", "perceptual", "reference", "color_confusion", "wall_time_s",
-    "device", "created",
+    "device", "created", "nearest_train",
 )
 
 
@@ -70,6 +73,7 @@ class EvalSettings:
     clip: str = "auto"  # auto | pretrained | domain | none
     features: str = "inception"  # inception (FID) | pixels (weight-free smoke-test stand-in)
     cache_dir: str | None = None  # reference features; default ~/.cache/pokediff/eval
+    memorization: bool = True  # nearest-training-image check (needs the train split's features once; cached)
 
     def check(self) -> None:
         if self.split not in SPLIT_NAMES:
@@ -359,6 +363,23 @@ def evaluate(
     )
     metrics["kid_mean"], metrics["kid_std"] = kid_mean, kid_std
 
+    # --- memorisation: each sample's nearest training image, against real held-out images' nearest
+    nearest_train = None
+    if settings.memorization:
+        train_split = splits["train"]
+        train_ref = reference if settings.split == "train" else reference_features(
+            train_split, data_cfg, "train", feature_net, cache_dir=settings.cache_dir,
+            batch_size=settings.batch_size, device=device, progress=progress)
+        train_names = [Path(str(e.get("path") or "")).name or f"row {i}"
+                       for i, e in enumerate(train_split[data_cfg.image_column])]
+        mem, nearest_train = memorization_metrics(fake, train_ref.features, reference.features,
+                                                  real_is_train=settings.split == "train", train_names=train_names)
+        metrics.update(mem)
+    else:
+        for key in METRIC_KEYS:
+            if key.startswith("nn_train"):
+                skipped[key] = "turned off (--no-memorization)"
+
     # --- text alignment, with real images of the same rows as the ceiling
     real_rows = sorted(set(rows))
     real_ds = ref_split.select(real_rows)
@@ -418,6 +439,7 @@ def evaluate(
         "resolution": int(data_cfg.resolution),
         "sampling": {"batch_size": settings.batch_size, "steps": settings.steps, "guidance": settings.guidance},
         "metrics": metrics,
+        "nearest_train": nearest_train,
         "skipped": skipped,
         "kid_subset_size": kid_size,
         "clip_scorer": getattr(clip_scorer, "name", None) if clip_scorer is not None else None,
