@@ -20,15 +20,6 @@ from pokediff.gan.wgan_large import WGANLargeCritic, WGANLargeGenerator
 from pokediff.gan.wgan_small import WGANSmallCritic
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions on a shared, oversubscribed CPU run tens of times faster on one thread
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY = {
     "model.g_features": 4, "model.d_features": 4, "model.g_max_features": 16, "model.d_max_features": 16,
     "model.latent_dim": 8, "model.attention_resolution": 8, "progan.resolutions": [8, 16], "model.resolution": 16,

@@ -10,10 +10,6 @@ from pathlib import Path
 
 import torch
 
-# Tiny ops are dominated by thread hand-offs: on the shared 2-core box a 16-channel conv took 64 ms with 2 threads
-# and 0.7 ms with 1. Every test that builds tiny models imports this module.
-torch.set_num_threads(1)
-
 TINY_TEXT_DIM = 32
 TINY_LATENT_CHANNELS = 4
 TINY_MAX_TEXT_LENGTH = 16

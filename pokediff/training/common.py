@@ -480,7 +480,10 @@ class CheckpointManager:
         if resume is None:
             return None
         if resume == "latest":
-            return self.latest()
+            latest = self.latest()
+            if latest is None:
+                logger.info("no checkpoint to resume from in %s: starting fresh", self.folder)
+            return latest
         path = Path(resume).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume: checkpoint folder not found: {path}")
@@ -522,6 +525,32 @@ class CheckpointManager:
             raise FileNotFoundError(f"{path} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
         logger.info("resumed from %s at step %d", path, self.loaded_state.global_step)
         return self.loaded_state
+
+
+def resume_or_start(accelerator, checkpoints: CheckpointManager, resume_from: Optional[Path], total_steps: int,
+                    guard: NonFiniteGuard, detector: GradExplosionDetector, losses: "LossLogger") -> TrainingState:
+    """A fresh state, or the checkpoint's with the guard, detector and losses.csv brought back to its step."""
+    stage = checkpoints.folder.name
+    if resume_from is None:
+        return TrainingState(stage=stage, total_steps=total_steps)
+    state = checkpoints.load(resume_from)
+    if state.total_steps != total_steps:
+        raise ValueError(
+            f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives {total_steps}: "
+            f"resume with the same {stage} / runtime settings"
+        )
+    guard.load_state_dict(state.extra.get("guard", {}))
+    detector.load_state_dict(state.extra.get("detector", {}))
+    if accelerator.is_main_process:
+        losses.truncate_after(state.global_step)
+    return state
+
+
+def save_training_checkpoint(checkpoints: CheckpointManager, state: TrainingState, guard: NonFiniteGuard,
+                             detector: GradExplosionDetector, **extra) -> Path:
+    """Checkpoint ``state`` with the guard and detector states (and any stage-specific ``extra`` values)."""
+    state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict(), **extra}
+    return checkpoints.save(state)
 
 
 def atomic_save_pretrained(model, folder, **kwargs) -> Path:

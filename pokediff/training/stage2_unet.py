@@ -30,7 +30,6 @@ from pokediff.training.common import (
     LossLogger,
     NonFiniteGuard,
     OptimizerStepper,
-    TrainingState,
     atomic_save_pretrained,
     build_accelerator,
     end_stage,
@@ -40,7 +39,9 @@ from pokediff.training.common import (
     maybe_compile,
     one_cycle,
     optimizer_steps,
+    resume_or_start,
     save_image_grid,
+    save_training_checkpoint,
     seed_step,
     start_stage,
     to_channels_last,
@@ -251,25 +252,11 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
                                     ema=ema, ema_model_cls=UNet2DConditionModel)
     losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
 
-    state = TrainingState(stage=STAGE, total_steps=total_steps)
-    resume_from = checkpoints.resolve(resume)
-    if resume_from is not None:
-        state = checkpoints.load(resume_from)
-        if state.total_steps != total_steps:
-            raise ValueError(
-                f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives {total_steps}: "
-                "resume with the same stage2 / runtime settings"
-            )
-        guard.load_state_dict(state.extra.get("guard", {}))
-        detector.load_state_dict(state.extra.get("detector", {}))
-        if accelerator.is_main_process:
-            losses.truncate_after(state.global_step)
-    elif resume is not None:
-        logger.info("no %s checkpoint to resume from in %s: starting fresh", STAGE, checkpoints.folder)
+    state = resume_or_start(accelerator, checkpoints, checkpoints.resolve(resume), total_steps, guard, detector,
+                            losses)
 
     def save_checkpoint():
-        state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict()}
-        checkpoints.save(state)
+        save_training_checkpoint(checkpoints, state, guard, detector)
 
     def evaluate_with_ema(epoch: int, with_samples: bool):
         """Val loss (and sample grid) with the EMA weights, on the main process; best EMA -> unet_best/."""

@@ -46,7 +46,6 @@ from pokediff.training.common import (
     LossLogger,
     NonFiniteGuard,
     OptimizerStepper,
-    TrainingState,
     atomic_save_pretrained,
     build_accelerator,
     end_stage,
@@ -55,6 +54,8 @@ from pokediff.training.common import (
     log_metrics,
     one_cycle,
     optimizer_steps,
+    resume_or_start,
+    save_training_checkpoint,
     seed_step,
     start_stage,
     unwrap,
@@ -289,23 +290,12 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     stepper = OptimizerStepper(accelerator, text_encoder, optimizer, lr_scheduler, s3.grad_clip, guard, detector)
     losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
 
-    state = TrainingState(stage=STAGE, total_steps=total_steps)
+    state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)
     if resume_from is not None:
-        state = checkpoints.load(resume_from)
-        if state.total_steps != total_steps:
-            raise ValueError(f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives "
-                             f"{total_steps}: resume with the same stage3 / runtime settings")
-        guard.load_state_dict(state.extra.get("guard", {}))
-        detector.load_state_dict(state.extra.get("detector", {}))
         before = state.extra.get("before")
-        if accelerator.is_main_process:
-            losses.truncate_after(state.global_step)
-    elif resume is not None:
-        logger.info("no %s checkpoint to resume from in %s: starting fresh", STAGE, checkpoints.folder)
 
     def save_checkpoint():
-        state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict(), "before": before}
-        checkpoints.save(state)
+        save_training_checkpoint(checkpoints, state, guard, detector, before=before)
 
     num_t = noise_scheduler.config.num_train_timesteps
     clip_t_max = max(1, int(round(s3.clip_max_timestep_fraction * num_t)))
