@@ -7,10 +7,10 @@ without declaring them, and loads weights with a bare torch.load; this adapter h
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -32,16 +32,27 @@ def lpips_backbone_available(net: str = "alex") -> bool:
 
 
 def _import_stlpips():
-    # stlpips imports these at module level but never uses them for inference
-    for missing in ("IPython", "torchsummary"):
-        if importlib.util.find_spec(missing) is None and missing not in sys.modules:
-            stub = types.ModuleType(missing)
-            stub.embed = stub.summary = lambda *a, **k: None
-            sys.modules[missing] = stub
+    """Import ``stlpips_pytorch.stlpips`` whether or not IPython / torchsummary are installed.
+
+    That module imports both at module level but never uses them for inference. Where one is missing, a stub
+    with a real ``ModuleSpec`` stands in for the duration of the import only, so ``sys.modules`` is left as
+    it was and a later ``find_spec``/``import`` of the real package behaves normally.
+    """
+    stubbed = []
+    for name in ("IPython", "torchsummary"):
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            continue
+        stub = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, loader=None))
+        stub.embed = stub.summary = lambda *a, **k: None
+        sys.modules[name] = stub
+        stubbed.append(name)
     try:
         from stlpips_pytorch import stlpips
     except ImportError as err:
         raise ImportError("the offline perceptual network needs `pip install stlpips-pytorch`") from err
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
     return stlpips
 
 
