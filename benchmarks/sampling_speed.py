@@ -99,7 +99,7 @@ def time_plain_loop(pipe, n, steps, guidance, batch_size, device) -> float:
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             eps_uncond, eps_cond = unet(x, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample.chunk(2)
             latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
-        vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+        vae.decode(vae.unscale_latents(latents)).sample.clamp(-1, 1)
     _sync(device)
     return time.perf_counter() - start
 

@@ -53,6 +53,9 @@ class DataConfig:
     skip_bad_images: bool = False  # False: a bad row raises naming the file; True: skipped and counted
     max_text_length: int = 32  # tokens (the design's 32; up to the encoder's limit)
     caption_dropout: float = 0.1  # probability a caption is replaced by "" (classifier-free guidance)
+    # train on several short captions per sprite built from the metadata (pokediff/data/captions.py), one drawn
+    # per step, instead of the single long `text` caption
+    caption_variants: bool = False
     augment: bool = True  # train split only; val/test never augment
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
@@ -125,6 +128,9 @@ class RuntimeConfig:
     nan_max_consecutive: int = 20  # abort after this many non-finite batches in a row
     grad_explosion_factor: float = 10.0  # grad norm above factor x running median => adaptive clip
     cpu: bool = False
+    # intra-op CPU threads per process (0: torch's default). Small tensors are overhead-bound: on 2 cores one
+    # thread per process is faster than two fighting over a barrier whenever anything else runs
+    num_threads: int = 0
 
 
 @dataclass
@@ -140,6 +146,9 @@ class Stage1Config:
     kl_weight: float = 0.1  # final KL weight
     kl_anneal_epochs: int = 20  # linear 0 -> kl_weight
     free_bits: float = 0.5  # nats per latent element, averaged per channel (channels below it get no KL push)
+    # store per-channel latent mean/std in the VAE config (diffusers' latents_mean/latents_std) so stage 2 sees
+    # every channel at unit variance; false: one global scaling_factor as Stable Diffusion 1.x
+    per_channel_latent_norm: bool = False
     num_sample_images: int = 8  # fixed val images in the reconstruction grids
 
 
@@ -195,6 +204,7 @@ class Stage3Config:
     clip_weight: float = 1.0  # 1 - cos(CLIP(decoded x0 prediction), CLIP(caption))
     denoise_weight: float = 1.0  # stage 2's denoising loss under the fine-tuned encoder (keeps the U-Net's input)
     anchor_weight: float = 0.0  # MSE to the original encoder's token embeddings (0 = off)
+    null_anchor_weight: float = 0.0  # MSE of the "" embedding (guidance's unconditional input) to the original
     clip_max_timestep_fraction: float = 0.5  # CLIP term noises to t < this x T (x0 predictions stay legible)
     eval_num_prompts: int = 32  # val captions sampled for the before/after CLIP score
 

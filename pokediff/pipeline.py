@@ -384,7 +384,7 @@ class PokeSpritePipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode_latents(self, latents, prompt_embeds=None, prompt_mask=None) -> torch.Tensor:
         """Scaled latents -> RGB images (N, 3, H, W) in [0, 1]."""
-        latents = latents / self.vae.config.scaling_factor
+        latents = self.vae.unscale_latents(latents)
         cross = self.vae.decoder_cross_attn is not None
         image = self.vae.decode(
             latents.to(self.vae.dtype),

@@ -69,12 +69,12 @@ def test_augmentation_only_in_training(tiny_data_root):
     cfg = data_cfg(tiny_data_root, resolution=32)
     sprite = rgba_sprite((32, 32))
     eval_tf = SpriteTransform(cfg, train=False)
-    assert eval_tf.augment is None
+    assert eval_tf.train is False
     assert torch.equal(eval_tf(sprite), eval_tf(sprite))
     train_tf = SpriteTransform(cfg, train=True)
     torch.manual_seed(0)
     assert any(not torch.equal(train_tf(sprite), eval_tf(sprite)) for _ in range(5))
-    assert SpriteTransform(data_cfg(tiny_data_root, augment=False), train=True).augment is None
+    assert SpriteTransform(data_cfg(tiny_data_root, augment=False), train=True).train is False
 
 
 def test_split_is_deterministic_and_stable_when_rows_are_added():

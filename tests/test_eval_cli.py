@@ -72,6 +72,7 @@ def test_pipeline_scored_by_the_cli(pipeline_dir, tiny_data_root, tmp_path):
     assert all(m[k] is not None for k in METRIC_KEYS), written["skipped"]
     assert m["recon_psnr"] > 0 and m["recon_l1"] > 0 and m["diversity"] >= 0
     assert 0 <= m["color_agreement"] <= 1 and 0 <= m["color_agreement_real"] <= 1
+    assert 0 <= m["color_agreement_freeform"] <= 1
     # the CLIP double scores caption length: the sample mean must be over the prompts actually used
     from pokediff.config import DataConfig
     from pokediff.data import load_splits
@@ -95,7 +96,8 @@ def test_gan_scored_by_the_same_cli_with_default_networks(gan_checkpoint, tmp_pa
     assert result["resolution"] == 32 and result["perceptual"].startswith(("stlpips", "lpips"))
     m = result["metrics"]
     assert m["fid"] > 0 and m["diversity"] is not None and m["diversity_real_dataset"] > 0
-    for key in ("clip_score", "color_agreement", "recon_l1", "recon_psnr", "recon_perceptual"):
+    for key in ("clip_score", "color_agreement", "color_agreement_freeform", "recon_l1", "recon_psnr",
+                "recon_perceptual"):
         assert m[key] is None and result["skipped"][key]
     assert "not conditioned on captions" in result["skipped"]["clip_score"]
     assert Image.open(tmp_path / "gan.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
@@ -172,3 +174,39 @@ def test_type_conditional_gan_gets_each_rows_primary_type(tiny_data_root, tmp_pa
     fire = sample_from_checkpoint(tmp_path / "ckpt", 2, seed=4, type_name="fire")
     water = sample_from_checkpoint(tmp_path / "ckpt", 1, seed=4 + TYPE_SEED_STRIDE, type_name="water")
     torch.testing.assert_close(images, torch.stack([fire[0], water[0], fire[1]]))
+
+
+class _PaintSampler:
+    """Draws each prompt as an opaque square of the colour its prompt names (or always ``fixed``)."""
+
+    kind, text_conditional, background = "diffusion", True, (255, 255, 255)
+    RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (40, 180, 50), "yellow": (240, 220, 40),
+           "pink": (250, 150, 200), "purple": (130, 40, 170), "brown": (130, 80, 30), "gray": (128, 128, 128),
+           "white": (250, 250, 250), "black": (15, 15, 15)}
+
+    def __init__(self, fixed=None):
+        self.fixed = fixed
+
+    def sample(self, prompts, type_names=None, seed=0, batch_size=16, progress=False, desc=""):
+        from pokediff.eval.color import color_in_text
+
+        for start in range(0, len(prompts), batch_size):
+            images = torch.zeros(len(prompts[start:start + batch_size]), 4, 16, 16)  # RGBA: white reads too
+            for image, prompt in zip(images, prompts[start:start + batch_size]):
+                colour = self.RGB[self.fixed or color_in_text(prompt)]
+                image[:3, 4:12, 4:12] = torch.tensor(colour).view(3, 1, 1) / 255
+                image[3, 4:12, 4:12] = 1
+            yield images
+
+
+def test_freeform_colour_agreement_scores_the_free_form_prompts():
+    from pokediff.eval.prompts import FREEFORM_PROMPTS
+    from pokediff.eval.runner import EvalSettings, _freeform_colors
+
+    settings = EvalSettings(freeform_samples=2)
+    assert _freeform_colors(_PaintSampler(), settings, False) == ({"color_agreement_freeform": 1.0}, {})
+    red = sum(colour == "red" for _, colour in FREEFORM_PROMPTS) / len(FREEFORM_PROMPTS)
+    metrics, _ = _freeform_colors(_PaintSampler(fixed="red"), settings, False)
+    assert metrics["color_agreement_freeform"] == pytest.approx(red)
+    off = _freeform_colors(_PaintSampler(), EvalSettings(freeform_samples=0), False)
+    assert off == ({}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"})

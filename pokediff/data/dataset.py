@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import REPO_ROOT
+from .captions import caption_variants
 from .constants import primary_type_id
 from .transforms import SpriteTransform
 
@@ -167,6 +168,9 @@ def split_dataset(ds: datasets.Dataset, data_cfg) -> dict[str, datasets.Dataset]
     return {name: ds.select([i for i, a in enumerate(assignment) if a == name]) for name in SPLIT_NAMES}
 
 
+_METADATA_COLUMNS = ("name", "types", "genus", "color", "shape", "flavor_text")
+
+
 class SpriteDataset(Dataset):
     """Items: pixel_values (3, R, R) in [-1, 1], text, type_id (primary type, -1 unknown), index."""
 
@@ -178,15 +182,28 @@ class SpriteDataset(Dataset):
         self.captions = [str(c) for c in hf_split[self.caption_column]]
         types = hf_split["types"] if "types" in hf_split.column_names else [None] * len(hf_split)
         self.type_ids = [primary_type_id(t) for t in types]
+        # training draws one of several captions per sprite (data.caption_variants); evaluation keeps `text`
+        self.caption_variants = [[c] for c in self.captions]
+        if getattr(data_cfg, "caption_variants", False):
+            meta = {c: hf_split[c] for c in _METADATA_COLUMNS if c in hf_split.column_names}
+            self.caption_variants = [
+                caption_variants({c: values[i] for c, values in meta.items()}, caption)
+                for i, caption in enumerate(self.captions)
+            ]
+        self.sample_captions = bool(train)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
         image = open_image(self.data[index][self.image_column])
+        variants = self.caption_variants[index]
+        text = self.captions[index]
+        if self.sample_captions and len(variants) > 1:
+            text = variants[int(torch.randint(len(variants), ()))]
         return {
             "pixel_values": self.transform(image),
-            "text": self.captions[index],
+            "text": text,
             "type_id": self.type_ids[index],
             "index": index,
         }

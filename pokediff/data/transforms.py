@@ -67,18 +67,29 @@ class SpriteTransform:
         self.trim = bool(data_cfg.trim)
         self.train = bool(train) and bool(data_cfg.augment)
         aug = data_cfg.augmentation
-        ops = []
-        if self.train:
-            if aug.hflip > 0:
-                ops.append(v2.RandomHorizontalFlip(p=aug.hflip))
-            if aug.rotation > 0:
-                # fill with the background so rotated corners do not show black
-                ops.append(v2.RandomRotation(aug.rotation, interpolation=v2.InterpolationMode.BILINEAR,
-                                             fill=list(self.background)))
-            if any(aug.color_jitter):
-                b, c, s, h = aug.color_jitter
-                ops.append(v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
-        self.augment = v2.Compose(ops) if ops else None
+        self.hflip = v2.RandomHorizontalFlip(p=aug.hflip) if self.train and aug.hflip > 0 else None
+        self.rotation = aug.rotation if self.train and aug.rotation > 0 else 0.0
+        self.color_jitter = None
+        if self.train and any(aug.color_jitter):
+            b, c, s, h = aug.color_jitter
+            self.color_jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
+
+    def _augment(self, image: Image.Image) -> Image.Image:
+        """Flip, rotate and colour-jitter the sprite before compositing: jitter must not tint the background
+        (a shifted white falls outside the RGBA keying tolerance), and rotated corners stay transparent."""
+        if self.hflip is not None:
+            image = self.hflip(image)
+        if self.rotation:
+            fill = list(self.background) + ([0] if image.mode == "RGBA" else [])
+            image = v2.RandomRotation(self.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)(image)
+        if self.color_jitter is not None:
+            if image.mode == "RGBA":
+                alpha = image.getchannel("A")
+                image = self.color_jitter(image.convert("RGB"))
+                image.putalpha(alpha)
+            else:
+                image = self.color_jitter(image)
+        return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.trim:
@@ -86,7 +97,7 @@ class SpriteTransform:
         if image.mode not in ("RGBA", "RGB"):
             image = image.convert("RGBA") if "transparency" in image.info or "A" in image.mode else image.convert("RGB")
         image = pad_to_square_and_resize(image, self.resolution, self.background)
+        if self.train:
+            image = self._augment(image)
         image = composite_on_background(image, self.background)
-        if self.augment is not None:
-            image = self.augment(image)
         return to_tensor_minus1_1(image)

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diversity-prompts", type=int, default=defaults.diversity_prompts)
     p.add_argument("--diversity-samples", type=int, default=defaults.diversity_samples,
                    help="samples per prompt for pairwise diversity; 0 turns it off (default: %(default)s)")
+    p.add_argument("--freeform-samples", type=int, default=defaults.freeform_samples,
+                   help="samples per free-form prompt for color_agreement_freeform (0 turns it off)")
     p.add_argument("--recon-num", type=int, default=defaults.recon_num,
                    help="val images for the VAE reconstruction metrics; 0 turns them off (default: %(default)s)")
     p.add_argument("--clip", default=defaults.clip, choices=CLIP_CHOICES,
@@ -69,7 +71,7 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
         split=args.split, num=args.num, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
         guidance=args.guidance, use_ema=not args.no_ema, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, diversity_prompts=args.diversity_prompts,
-        diversity_samples=args.diversity_samples, recon_num=args.recon_num, grid_size=args.grid_size,
+        diversity_samples=args.diversity_samples, freeform_samples=args.freeform_samples, recon_num=args.recon_num, grid_size=args.grid_size,
         clip=args.clip, features=args.features, cache_dir=args.cache_dir, memorization=not args.no_memorization,
     )
     overrides = list(args.data_overrides)

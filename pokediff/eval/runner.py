@@ -42,7 +42,7 @@ CLIP_CHOICES = ("auto", "pretrained", "domain", "none")
 METRIC_KEYS = (
     "fid", "kid_mean", "kid_std",
     "clip_score", "clip_score_real",
-    "color_agreement", "color_agreement_real",
+    "color_agreement", "color_agreement_real", "color_agreement_freeform",
     "diversity", "diversity_real_dataset",
     "recon_l1", "recon_psnr", "recon_perceptual",
     "nn_train_similarity_mean", "nn_train_similarity_max", "nn_train_similarity_real_mean",
@@ -68,6 +68,7 @@ class EvalSettings:
     kid_subset_size: int = 1000
     diversity_prompts: int = 4  # prompts (or GAN draws) ...
     diversity_samples: int = 4  # ... x samples each, for the pairwise diversity (0 turns it off)
+    freeform_samples: int = 2  # samples per free-form prompt (pokediff.eval.prompts) for their colour agreement
     recon_num: int = 64  # VAE reconstruction images from val (test with --split test); 0 turns it off
     grid_size: int = 16
     clip: str = "auto"  # auto | pretrained | domain | none
@@ -83,7 +84,7 @@ class EvalSettings:
         for name in ("batch_size", "kid_subsets", "kid_subset_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("diversity_prompts", "diversity_samples", "recon_num", "grid_size"):
+        for name in ("diversity_prompts", "diversity_samples", "freeform_samples", "recon_num", "grid_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.diversity_samples == 1:
@@ -252,6 +253,25 @@ def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, pe
     return metrics, {}
 
 
+def _freeform_colors(sampler, settings, progress):
+    """({"color_agreement_freeform"}, skipped reasons): the colour judge on prompts a user would type, none of
+    them a training caption; compare with ``color_agreement_real``, the judge's ceiling on real sprites."""
+    from .prompts import FREEFORM_PROMPTS
+
+    if not sampler.text_conditional:
+        return {}, {"color_agreement_freeform": f"a {sampler.kind} model is not conditioned on captions"}
+    if not settings.freeform_samples:
+        return {}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"}
+    prompts = [p for p, _ in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
+    targets = [c for _, c in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
+    predicted = []
+    # a seed range apart from the main and diversity samples'
+    for batch in sampler.sample(prompts, None, seed=settings.seed + 2_000_003, batch_size=settings.batch_size,
+                                progress=progress, desc="free-form prompts"):
+        predicted.extend(dominant_color(image, sampler.background) for image in batch)
+    return {"color_agreement_freeform": agreement_from_predictions(predicted, targets)["accuracy"]}, {}
+
+
 def _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress):
     """({"recon_l1", "recon_psnr", "recon_perceptual"}, skipped reasons) of the pipeline's VAE."""
     keys = ("recon_l1", "recon_psnr", "recon_perceptual")
@@ -414,6 +434,10 @@ def evaluate(
                                           data_cfg, perceptual, progress)
     metrics.update(div_metrics)
     skipped.update(div_skipped)
+
+    freeform_metrics, freeform_skipped = _freeform_colors(sampler, settings, progress)
+    metrics.update(freeform_metrics)
+    skipped.update(freeform_skipped)
 
     # --- VAE reconstruction on val (test when evaluating on test)
     recon_metrics, recon_skipped = _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress)

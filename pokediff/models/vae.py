@@ -66,6 +66,8 @@ class SpriteVAE(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 384,
         scaling_factor: float = 1.0,
         sample_size: int = 215,
+        latents_mean: list | None = None,
+        latents_std: list | None = None,
     ):
         super().__init__()
         n = len(block_out_channels)
@@ -118,6 +120,29 @@ class SpriteVAE(ModelMixin, ConfigMixin):
         """Latent side length for an image side length (default: ``sample_size``), e.g. 215 -> 27."""
         size = self.config.sample_size if image_size is None else image_size
         return math.ceil(size / self.downsample_factor)
+
+    # ------------------------------------------------------------------ latent normalisation
+    def _channel_stats(self, z: torch.Tensor):
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(self.config.latents_mean, dtype=z.dtype, device=z.device).view(shape)
+        std = torch.tensor(self.config.latents_std, dtype=z.dtype, device=z.device).view(shape)
+        return mean, std
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior latents -> the diffusion model's space: ``(z - latents_mean) * scaling_factor / latents_std``
+        per channel when stage 1 stored per-channel statistics (diffusers' SDXL convention), else
+        ``z * scaling_factor``."""
+        if self.config.latents_mean is None or self.config.latents_std is None:
+            return z * self.config.scaling_factor
+        mean, std = self._channel_stats(z)
+        return (z - mean) * self.config.scaling_factor / std
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``scale_latents``: diffusion latents -> what ``decode`` takes."""
+        if self.config.latents_mean is None or self.config.latents_std is None:
+            return latents / self.config.scaling_factor
+        mean, std = self._channel_stats(latents)
+        return latents * std / self.config.scaling_factor + mean
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor, return_dict: bool = True):

@@ -63,6 +63,8 @@ def build_accelerator(cfg, accelerator: Optional[Accelerator] = None) -> Acceler
     ``--resume`` continue with exactly the batches an uninterrupted run would have seen.
     """
     rt = cfg.runtime
+    if rt.num_threads > 0:
+        torch.set_num_threads(rt.num_threads)
     if rt.allow_tf32 and torch.cuda.is_available():
         # TF32 matmuls: ~free speed on Ampere+ with no visible effect on diffusion training.
         torch.backends.cuda.matmul.allow_tf32 = True

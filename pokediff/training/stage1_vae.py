@@ -149,21 +149,28 @@ def save_reconstruction_grid(accelerator, module, images, captions, text, path) 
 
 
 @torch.no_grad()
-def compute_scaling_factor(vae: SpriteVAE, loader, device, seed: int) -> float:
-    """1 / std of posterior samples over ``loader`` (as Stable Diffusion's 0.18215 was found)."""
+def latent_statistics(vae: SpriteVAE, loader, device, seed: int) -> tuple[list[float], list[float], float]:
+    """(per-channel mean, per-channel std, overall std) of posterior samples over ``loader``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     count, total, total_sq = 0, 0.0, 0.0
-    for batch in tqdm(loader, desc="latent scaling factor", leave=False):
+    for batch in tqdm(loader, desc="latent statistics", leave=False):
         posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
-        z = (posterior.mean + posterior.std * noise).double()
-        count += z.numel()
-        total += float(z.sum())
-        total_sq += float((z * z).sum())
-    var = total_sq / count - (total / count) ** 2
-    if not math.isfinite(var) or var <= 0:
-        raise RuntimeError(f"cannot compute the latent scaling factor: latent variance is {var}")
-    return 1.0 / math.sqrt(var)
+        z = (posterior.mean + posterior.std * noise).double().transpose(0, 1).flatten(1)  # (C, N*H*W)
+        count += z.shape[1]
+        total = total + z.sum(dim=1)
+        total_sq = total_sq + (z * z).sum(dim=1)
+    mean = total / count
+    var = total_sq / count - mean**2
+    overall = float(total_sq.sum() / (count * len(var)) - (total.sum() / (count * len(var))) ** 2)
+    if not torch.isfinite(var).all() or (var <= 0).any() or not math.isfinite(overall) or overall <= 0:
+        raise RuntimeError(f"cannot compute the latent statistics: latent variances are {var.tolist()}")
+    return mean.tolist(), var.sqrt().tolist(), math.sqrt(overall)
+
+
+def compute_scaling_factor(vae: SpriteVAE, loader, device, seed: int) -> float:
+    """1 / std of posterior samples over ``loader`` (as Stable Diffusion's 0.18215 was found)."""
+    return 1.0 / latent_statistics(vae, loader, device, seed)[2]
 
 
 def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
@@ -270,7 +277,13 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         best = SpriteVAE.from_pretrained(str(vae_dir)).to(accelerator.device).eval()
         clean = DataLoader(SpriteDataset(splits["train"], cfg.data, train=False), batch_size=s1.batch_size,
                            collate_fn=collate_sprites)
-        factor = compute_scaling_factor(best, clean, accelerator.device, rt.seed)
+        channel_mean, channel_std, overall_std = latent_statistics(best, clean, accelerator.device, rt.seed)
+        factor = 1.0 / overall_std
+        if s1.per_channel_latent_norm:
+            # each channel to zero mean, unit std: one global scale leaves a low-variance channel under the noise
+            # from the first timesteps (diffusers' latents_mean / latents_std, as SDXL-family VAEs carry them)
+            factor = 1.0
+            best.register_to_config(latents_mean=channel_mean, latents_std=channel_std)
         best.register_to_config(scaling_factor=factor)
         atomic_save_pretrained(best, vae_dir)
         log_metrics(accelerator, losses, state.global_step, state.epoch, {"scaling_factor": factor})

@@ -53,27 +53,41 @@ STAGE = "stage2"
 
 
 class LatentTextCache:
-    """Posterior mean/std of each sprite (+ mirrored copies) and the text embedding of each caption.
+    """Posterior mean/std of each sprite (+ mirrored copies) and the text embeddings of its captions.
 
-    Entry ``i`` uses caption ``i % num_captions``: mirrored sprites share their caption. ``null_embedding``
-    is the embedding of "" used for caption dropout (the pipeline's unconditional input).
+    Entry ``i`` is sprite ``i % num_captions`` (mirrored sprites share their captions). Sprite ``k`` has
+    ``variant_count[k]`` caption embeddings starting at row ``variant_start[k]``; the first is the dataset's
+    caption. ``null_embedding`` is the embedding of "" used for caption dropout (the unconditional input).
     """
 
-    def __init__(self, mean, std, embeddings, masks, null_embedding, null_mask):
+    def __init__(self, mean, std, embeddings, masks, null_embedding, null_mask, variant_count=None):
         self.mean, self.std = mean, std
         self.embeddings, self.masks = embeddings, masks
         self.null_embedding, self.null_mask = null_embedding, null_mask
+        if variant_count is None:
+            variant_count = torch.ones(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
+        self.variant_count = variant_count.to(embeddings.device)
+        self.variant_start = torch.cumsum(self.variant_count, 0) - self.variant_count
 
     def __len__(self) -> int:
         return self.mean.shape[0]
 
     @property
     def num_captions(self) -> int:
-        return self.embeddings.shape[0]
+        """Number of sprites with captions (the first caption of each)."""
+        return self.variant_count.shape[0]
 
     def text(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        caption = index % self.num_captions
-        return self.embeddings[caption], self.masks[caption]
+        """The dataset caption's embedding for each entry in ``index``."""
+        row = self.variant_start[index % self.num_captions]
+        return self.embeddings[row], self.masks[row]
+
+    def sample_text(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One caption variant per entry, drawn from torch's global RNG (seeded per step)."""
+        sprite = index % self.num_captions
+        pick = (torch.rand(index.shape, device=index.device) * self.variant_count[sprite]).long()
+        row = self.variant_start[sprite] + torch.minimum(pick, self.variant_count[sprite] - 1)
+        return self.embeddings[row], self.masks[row]
 
 
 @torch.no_grad()
@@ -90,8 +104,10 @@ def encode_texts(tokenizer, text_encoder, captions: list[str], max_length: int, 
 
 @torch.no_grad()
 def build_cache(vae, tokenizer, text_encoder, dataset: SpriteDataset, max_length: int, device,
-                flips: bool, batch_size: int = 32, desc: str = "caching latents") -> LatentTextCache:
-    """Encode ``dataset`` (un-augmented) once with the frozen VAE and text encoder."""
+                flips: bool, batch_size: int = 32, desc: str = "caching latents", variants: bool = False
+                ) -> LatentTextCache:
+    """Encode ``dataset`` (un-augmented) once with the frozen VAE and text encoder; with ``variants``, every
+    caption variant of each sprite (``data.caption_variants``), else its dataset caption only."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_sprites)
     means, stds, flip_means, flip_stds = [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
@@ -105,9 +121,24 @@ def build_cache(vae, tokenizer, text_encoder, dataset: SpriteDataset, max_length
             flip_means.append(flipped.mean.float())
             flip_stds.append(flipped.std.float())
     mean, std = torch.cat(means + flip_means), torch.cat(stds + flip_stds)
-    embeddings, masks = encode_texts(tokenizer, text_encoder, list(dataset.captions), max_length, device)
+    per_sprite = dataset.caption_variants if variants else [[c] for c in dataset.captions]
+    flat = [caption for sprite in per_sprite for caption in sprite]
+    embeddings, masks = encode_texts(tokenizer, text_encoder, flat, max_length, device)
     null_embedding, null_mask = encode_texts(tokenizer, text_encoder, [""], max_length, device)
-    return LatentTextCache(mean, std, embeddings, masks, null_embedding, null_mask)
+    count = torch.tensor([len(sprite) for sprite in per_sprite], dtype=torch.long)
+    return LatentTextCache(mean, std, embeddings, masks, null_embedding, null_mask, count)
+
+
+def log_latent_range(cache: LatentTextCache, scale, clamp: float) -> float:
+    """Log the scaled latents' per-channel mean/std and how often ``latent_clamp`` cuts them; returns that
+    fraction. ``scale`` maps posterior latents to the diffusion space (``SpriteVAE.scale_latents``)."""
+    scaled = scale(cache.mean)
+    per_channel = scaled.transpose(0, 1).flatten(1)
+    clamped = float((scaled.abs() > clamp).float().mean())
+    logger.info("scaled train latents: channel means %s, stds %s; latent_clamp=%g cuts %.3f%% of elements",
+                [round(float(v), 2) for v in per_channel.mean(1)], [round(float(v), 2) for v in per_channel.std(1)],
+                clamp, 100 * clamped)
+    return clamped
 
 
 def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, stage_cfg, noise=None, timesteps=None):
@@ -138,14 +169,14 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, stage_cfg,
 
 
 @torch.no_grad()
-def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scaling_factor, stage_cfg, seed: int,
+def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scale, stage_cfg, seed: int,
                     batch_size: int) -> float:
     """Denoising loss on the val posterior means with fixed noise and timesteps (comparable across epochs)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(cache), batch_size):
         index = torch.arange(start, min(start + batch_size, len(cache)), device=cache.mean.device)
-        latents = (cache.mean[index] * scaling_factor).clamp(-stage_cfg.latent_clamp, stage_cfg.latent_clamp)
+        latents = scale(cache.mean[index]).clamp(-stage_cfg.latent_clamp, stage_cfg.latent_clamp)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
                                   generator=generator).to(latents.device)
@@ -211,8 +242,8 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution is "
             f"{cfg.data.resolution}: use the same resolution as stage 1"
         )
-    scaling_factor = float(vae.config.scaling_factor)
-    if scaling_factor == 1.0:
+    scale = vae.scale_latents
+    if vae.config.scaling_factor == 1.0 and vae.config.latents_std is None:
         logger.warning("VAE %s has scaling_factor 1.0: was stage 1's scaling step skipped?", vae_path)
     tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
     text_encoder.requires_grad_(False).eval().to(device)
@@ -222,10 +253,11 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         if len(splits[name]) == 0:
             raise ValueError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
     train_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["train"], cfg.data, train=False),
-                              cfg.data.max_text_length, device, flips=s2.cache_flips)
+                              cfg.data.max_text_length, device, flips=s2.cache_flips, variants=True)
     val_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["val"], cfg.data, train=False),
                             cfg.data.max_text_length, device, flips=False, desc="caching val latents")
 
+    log_latent_range(train_cache, scale, s2.latent_clamp)
     latent_size = train_cache.mean.shape[-1]
     unet = build_unet(cfg.unet, vae.config.latent_channels, latent_size, text_encoder.config.hidden_size)
     unet = to_channels_last(unet, rt.channels_last)
@@ -267,7 +299,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             model.eval()
             try:
                 with accelerator.autocast():
-                    val_loss = validation_loss(model, noise_scheduler, val_cache, scaling_factor, s2, rt.seed,
+                    val_loss = validation_loss(model, noise_scheduler, val_cache, scale, s2, rt.seed,
                                                s2.batch_size)
                 log_metrics(accelerator, losses, state.global_step, epoch, {"val_loss": val_loss})
                 if val_loss < state.best_val_loss:
@@ -298,8 +330,8 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             index = index.to(device)
             # a fresh posterior sample every time an entry is visited, in the scaled, clamped latent range
             mean, std = train_cache.mean[index], train_cache.std[index]
-            latents = ((mean + std * torch.randn_like(mean)) * scaling_factor).clamp(-s2.latent_clamp, s2.latent_clamp)
-            embeddings, masks = train_cache.text(index)
+            latents = scale(mean + std * torch.randn_like(mean)).clamp(-s2.latent_clamp, s2.latent_clamp)
+            embeddings, masks = train_cache.sample_text(index)
             drop = torch.rand(index.shape[0], device=device) < cfg.data.caption_dropout
             embeddings = torch.where(drop[:, None, None], train_cache.null_embedding, embeddings)
             masks = torch.where(drop[:, None], train_cache.null_mask, masks)

@@ -104,7 +104,7 @@ def predict_x0(noise_scheduler, noisy: torch.Tensor, model_output: torch.Tensor,
 def decode(vae, latents_scaled, embeds=None, mask=None) -> torch.Tensor:
     """Scaled latents -> images in [0, 1], differentiable (the pipeline's decode_latents without no_grad)."""
     cross = getattr(vae, "decoder_cross_attn", None) is not None
-    image = vae.decode(latents_scaled / vae.config.scaling_factor,
+    image = vae.decode(vae.unscale_latents(latents_scaled),
                        encoder_hidden_states=embeds if cross else None,
                        encoder_attention_mask=mask if cross else None).sample
     return (image.float() / 2 + 0.5).clamp(0, 1)
@@ -169,7 +169,7 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_ca
         embeds, masks = encode_texts(tokenizer, text_encoder, list(val_captions), cfg.data.max_text_length, device)
         null_embed, null_mask = encode_texts(tokenizer, text_encoder, [""], cfg.data.max_text_length, device)
         cache = LatentTextCache(val_cache.mean, val_cache.std, embeds, masks, null_embed, null_mask)
-        val_loss = validation_loss(unet, noise_scheduler, cache, float(vae.config.scaling_factor), cfg.stage2,
+        val_loss = validation_loss(unet, noise_scheduler, cache, vae.scale_latents, cfg.stage2,
                                    cfg.runtime.seed, s3.batch_size)
         pipe = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer)
         prompts = list(val_captions)[: s3.eval_num_prompts]
@@ -237,7 +237,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         raise ValueError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
                          f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder")
     text_encoder.to(device).eval()
-    scaling_factor = float(vae.config.scaling_factor)
+    scale = vae.scale_latents
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
 
     splits = load_splits(cfg.data)
@@ -303,7 +303,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
 
     def step_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = train_cache.mean[index], train_cache.std[index]
-        latents = ((mean + std * torch.randn_like(mean)) * scaling_factor).clamp(-clamp, clamp)
+        latents = scale(mean + std * torch.randn_like(mean)).clamp(-clamp, clamp)
         caption = index % train_cache.num_captions
         ids, mask = caption_ids[caption], caption_mask[caption]
         parts = {}
@@ -315,9 +315,18 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
             drop = torch.rand(batch, device=device) < cfg.data.caption_dropout
             all_ids = torch.cat([ids, torch.where(drop[:, None], null_ids, ids)])
             all_mask = torch.cat([mask, torch.where(drop[:, None], null_mask, mask)])
+        if s3.null_anchor_weight > 0:
+            # the "" embedding is guidance's unconditional branch: keep it where stage 2 learned it
+            all_ids, all_mask = torch.cat([all_ids, null_ids]), torch.cat([all_mask, null_mask])
         # one encoder call per step (DDP expects one forward per backward)
         all_embeds = text_encoder(input_ids=all_ids, attention_mask=all_mask).last_hidden_state
         embeds = all_embeds[:batch]
+        if s3.null_anchor_weight > 0:
+            weight = null_mask[..., None].float()
+            sq = (all_embeds[-1:].float() - train_cache.null_embedding) ** 2 * weight
+            parts["null_anchor_loss"] = sq.sum() / (weight.sum() * sq.shape[-1]).clamp_min(1)
+            total = total + s3.null_anchor_weight * parts["null_anchor_loss"]
+            all_embeds, all_mask = all_embeds[:-1], all_mask[:-1]
         if s3.clip_weight > 0:
             noise = torch.randn_like(latents)
             t = torch.randint(0, clip_t_max, (batch,), device=device)

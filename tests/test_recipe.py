@@ -1,0 +1,131 @@
+"""The quality recipe's pieces: caption variants, their cache and sampling, jitter that spares the background."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pokediff.config import load_config
+from pokediff.data import SpriteDataset, SpriteTransform, load_splits
+from pokediff.data.captions import SHAPE_PHRASES, body_description, caption_variants
+from pokediff.eval.color import color_in_text
+from pokediff.training.stage2_unet import LatentTextCache, log_latent_range
+
+BULBASAUR = {
+    "name": "Bulbasaur", "types": "grass|poison", "genus": "Seed Pokémon", "color": "green", "shape": "quadruped",
+    "flavor_text": "A strange seed was planted on its back at birth. The plant sprouts and grows with this Pokémon.",
+}
+
+
+def test_caption_variants_name_the_colour_first_and_keep_the_dataset_caption():
+    variants = caption_variants(BULBASAUR, "Bulbasaur, the Seed Pokémon. A green grass ...")
+    assert variants[0] == "Bulbasaur, the Seed Pokémon. A green grass ..."
+    assert len(variants) == len(set(variants)) >= 6
+    assert all(color_in_text(v) == "green" for v in variants)
+    assert any(v.startswith("a green grass and poison type creature") for v in variants)
+    assert any("with a four-legged body" in v for v in variants)
+    assert any("a green seed pokémon" in v for v in variants)
+    assert any("on its back at birth" in v for v in variants)  # the body sentence of the flavour text
+    assert sum("Bulbasaur" in v for v in variants) == 2  # with and without the name
+
+
+def test_caption_variants_without_metadata_fall_back_to_the_caption():
+    assert caption_variants({}, "a caption") == ["a caption"]
+    assert caption_variants({"color": "red"}, "a caption") == ["a caption"]  # no types: no template
+
+
+def test_body_description_picks_a_body_sentence_and_cuts_it():
+    text = "It loves to nap. The flame on its tail shows its life force and burns brighter when it is angry today."
+    assert body_description(text) == "the flame on its tail shows its life force and burns brighter when it"
+    assert body_description("It lives in caves.") == ""
+    assert set(SHAPE_PHRASES) >= {"upright", "quadruped", "wings", "fish", "blob"}
+
+
+def _cfg(root, **data):
+    return load_config(overrides={"data.root": str(root), "data.resolution": 32,
+                                  **{f"data.{k}": v for k, v in data.items()}})
+
+
+def test_training_dataset_draws_caption_variants_and_eval_keeps_the_caption(tiny_data_root):
+    cfg = _cfg(tiny_data_root, caption_variants=True)
+    split = load_splits(cfg.data)["train"]
+    train, val = SpriteDataset(split, cfg.data, train=True), SpriteDataset(split, cfg.data, train=False)
+    assert all(len(v) > 1 for v in train.caption_variants)
+    torch.manual_seed(0)
+    drawn = {train[0]["text"] for _ in range(30)}
+    assert len(drawn) > 2 and drawn <= set(train.caption_variants[0])
+    assert {val[0]["text"] for _ in range(5)} == {val.captions[0]}
+    plain = SpriteDataset(split, _cfg(tiny_data_root).data, train=True)
+    assert plain.caption_variants == [[c] for c in plain.captions]
+
+
+def test_latent_text_cache_samples_each_sprites_own_variants():
+    counts = torch.tensor([1, 3, 2])
+    rows = int(counts.sum())
+    embeddings = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1).expand(rows, 2, 4).clone()
+    masks = torch.ones(rows, 2, dtype=torch.long)
+    cache = LatentTextCache(torch.zeros(6, 4, 2, 2), torch.ones(6, 4, 2, 2), embeddings, masks,
+                            torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.long), counts)
+    assert cache.num_captions == 3 and len(cache) == 6  # entries 3..5 are the mirrored sprites
+    first, _ = cache.text(torch.tensor([0, 1, 2, 4]))
+    assert first[:, 0, 0].tolist() == [0.0, 1.0, 4.0, 1.0]  # the dataset caption of each sprite
+    torch.manual_seed(0)
+    index = torch.tensor([0, 1, 2, 3, 4, 5] * 50)
+    drawn, _ = cache.sample_text(index)
+    row = drawn[:, 0, 0].long()
+    allowed = {0: {0}, 1: {1, 2, 3}, 2: {4, 5}}
+    for i, r in zip(index.tolist(), row.tolist()):
+        assert r in allowed[i % 3]
+    assert set(row.tolist()) == {0, 1, 2, 3, 4, 5}  # every variant is reachable
+
+
+def test_latent_range_reports_the_clamped_fraction():
+    mean = torch.zeros(10, 2, 4, 4)
+    mean[0, 0] = 10.0  # 16 of 320 elements beyond the clamp once scaled
+    cache = LatentTextCache(mean, torch.ones_like(mean), torch.zeros(10, 1, 4), torch.ones(10, 1), torch.zeros(1, 1, 4),
+                            torch.ones(1, 1))
+    assert log_latent_range(cache, lambda z: z * 0.5, clamp=3.0) == pytest.approx(16 / 320)
+
+
+def test_colour_jitter_tints_the_sprite_but_never_the_background(tiny_data_root):
+    cfg = _cfg(tiny_data_root, **{"augmentation.color_jitter": [0.5, 0.5, 0.5, 0.1], "augmentation.rotation": 10.0,
+                                  "augmentation.hflip": 0.5})
+    sprite = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    sprite.paste(Image.new("RGBA", (12, 12), (40, 160, 60, 255)), (10, 10))
+    transform = SpriteTransform(cfg.data, train=True)
+    torch.manual_seed(0)
+    changed = 0
+    for _ in range(10):
+        x = transform(sprite)
+        assert torch.equal(x[:, :4, :4], torch.ones(3, 4, 4))  # background (and rotated corners) stay white
+        changed += not torch.allclose(x[:, 16, 16], SpriteTransform(cfg.data, train=False)(sprite)[:, 16, 16])
+    assert changed >= 5
+
+
+def test_per_channel_latent_scaling_round_trips_and_whitens_each_channel():
+    from tiny import tiny_vae
+
+    from pokediff.training.stage1_vae import latent_statistics
+
+    vae = tiny_vae().eval()
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, vae.config.sample_size, vae.config.sample_size) * 2 - 1
+    images[:, 0] *= 0.2  # channels of unequal spread
+    loader = [{"pixel_values": images[i:i + 4]} for i in range(0, 12, 4)]
+    mean, std, overall = latent_statistics(vae, loader, "cpu", seed=0)
+    assert len(mean) == len(std) == vae.config.latent_channels and overall > 0
+
+    z = torch.randn(3, vae.config.latent_channels, 4, 4)
+    vae.register_to_config(scaling_factor=0.5)
+    assert torch.allclose(vae.scale_latents(z), z * 0.5)  # no statistics: one global factor, as before
+    assert torch.allclose(vae.unscale_latents(vae.scale_latents(z)), z, atol=1e-6)
+
+    vae.register_to_config(scaling_factor=1.0, latents_mean=mean, latents_std=std)
+    assert torch.allclose(vae.unscale_latents(vae.scale_latents(z)), z, atol=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        samples = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    scaled = vae.scale_latents(samples).transpose(0, 1).flatten(1)
+    assert torch.allclose(scaled.mean(dim=1), torch.zeros(len(mean)), atol=1e-4)
+    assert torch.allclose(scaled.std(dim=1, unbiased=False), torch.ones(len(mean)), atol=1e-3)
