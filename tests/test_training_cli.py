@@ -12,7 +12,7 @@ from test_training import text_encoder_dir  # noqa: F401  (session fixture share
 from tiny import tiny_config_overrides
 
 import train_3stage
-from pokediff.config import ConfigError
+from pokediff.config import CONFIG_DIR, ConfigError
 from pokediff.training import plot_losses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,19 @@ def test_flags_become_config_overrides(tmp_path):
         train_3stage.build_run_config(train_3stage.parse_args(["--push-to-hub"]))
     with pytest.raises(SystemExit):
         train_3stage.parse_args(["--stage", "4"])
+
+
+def test_without_a_gpu_the_cpu_config_is_used_and_said(monkeypatch, caplog):
+    assert train_3stage.default_config_path(cuda_available=True) == (CONFIG_DIR / "default.yaml", None)
+    path, note = train_3stage.default_config_path(cuda_available=False)
+    assert path == CONFIG_DIR / "cpu.yaml" and "no GPU found" in note and "--config configs/default.yaml" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="train_3stage"):
+        cfg = train_3stage.build_run_config(train_3stage.parse_args([]))
+    assert cfg.data.resolution == 64 and cfg.runtime.experiment_name == "cpu"
+    assert "no GPU found: training configs/cpu.yaml" in caplog.text
+    explicit = train_3stage.build_run_config(train_3stage.parse_args(["--config", str(CONFIG_DIR / "default.yaml")]))
+    assert explicit.data.resolution == 215
 
 
 def test_data_stats_prints_json_and_trains_nothing(tiny_data_root, text_encoder_dir, tmp_path, capsys):
