@@ -88,9 +88,9 @@ class L2SelfAttention(nn.Module):
         q, v = self._heads(self.query_key(x)), self._heads(self.value(x))
         head_dim = d // self.num_heads
         # -||q_i - q_j||^2 = 2 q_i.q_j - ||q_j||^2 - ||q_i||^2; the last term is constant along the softmax
-        # row, so the weights are dot-product attention (scale 2/sqrt(d)) plus a per-key bias.
-        key_bias = -q.pow(2).sum(-1).unsqueeze(-2) / math.sqrt(head_dim)  # (B, H, 1, N)
-        attended = F.scaled_dot_product_attention(q, q, v, attn_mask=key_bias, scale=2.0 / math.sqrt(head_dim))
+        # row (over j), so it is left out.
+        logits = (2 * q @ q.transpose(-1, -2) - q.pow(2).sum(-1).unsqueeze(-2)) / math.sqrt(head_dim)
+        attended = logits.softmax(dim=-1) @ v  # (B, H, N, d_head)
         return self.out(attended.transpose(1, 2).reshape(b, n, d))
 
 
@@ -204,24 +204,25 @@ class _GeneratorBlock(nn.Module):
 
 
 class ModulatedLinear(nn.Module):
-    """StyleGAN2's modulated layer for token-wise styles: the weight is scaled per input feature by the
-    style (and, with ``demodulate``, renormalised per output), computed without forming per-token weights."""
+    """StyleGAN2's modulated layer with one style per token: the weight is scaled per input feature by the
+    token's style and (with ``demodulate``) renormalised per output feature. Features are kept
+    channels-first, (..., features, pixels), so each token's pixels are one matrix product."""
 
     def __init__(self, in_features: int, out_features: int, style_dim: int, demodulate: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / math.sqrt(in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features, 1))
         self.style = nn.Linear(style_dim, in_features)
         nn.init.ones_(self.style.bias)  # starts as the plain layer
         self.demodulate = demodulate
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, M, in) pixel features per token; style: (B, N, style_dim) -> (B, N, M, out)."""
-        s = self.style(style)  # (B, N, in)
-        out = (x * s.unsqueeze(2)) @ self.weight.t()
+        """x: (B, N, in, M) pixel features per token, or (in, M) shared by all; style: (B, N, style_dim)
+        -> (B, N, out, M)."""
+        weight = self.weight * self.style(style).unsqueeze(-2)  # (B, N, out, in)
         if self.demodulate:
-            out = out * torch.rsqrt(s.pow(2) @ self.weight.pow(2).t() + 1e-8).unsqueeze(2)
-        return out + self.bias
+            weight = weight * torch.rsqrt(weight.pow(2).sum(-1, keepdim=True) + 1e-8)
+        return torch.matmul(weight, x) + self.bias
 
 
 class ViTGANGenerator(ModelMixin, ConfigMixin):
@@ -245,8 +246,9 @@ class ViTGANGenerator(ModelMixin, ConfigMixin):
         yy, xx = torch.meshgrid(coords, coords, indexing="ij")
         angles = torch.stack([xx, yy], dim=-1).reshape(-1, 2, 1) * (math.pi * 2.0 ** torch.arange(fourier_bands))
         self.register_buffer(
-            "fourier_features", torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1), persistent=False
-        )  # (P*P, 4 * bands)
+            "fourier_features", torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1).t().contiguous(),
+            persistent=False,
+        )  # (4 * bands, P*P)
         # ... through sin layers modulated by the token (SIREN-style)
         self.decoder = nn.ModuleList(
             [
@@ -263,10 +265,10 @@ class ViTGANGenerator(ModelMixin, ConfigMixin):
         for block in self.blocks:
             h = block(h, w)
         tokens = self.norm(h, w)  # (B, N, D): one style per patch
-        pixels = self.fourier_features.expand(b, tokens.shape[1], -1, -1)  # (B, N, P*P, F)
+        pixels = self.fourier_features  # (F, P*P), the same for every token
         for layer in self.decoder:
-            pixels = torch.sin(layer(pixels, tokens))
-        rgb = torch.tanh(self.to_rgb(pixels, tokens))  # (B, N, P*P, 3)
-        # (B, gy, gx, py, px, 3) -> (B, 3, gy*py, gx*px)
-        rgb = rgb.view(b, grid, grid, p, p, 3).permute(0, 5, 1, 3, 2, 4)
+            pixels = torch.sin(layer(pixels, tokens))  # (B, N, C, P*P)
+        rgb = torch.tanh(self.to_rgb(pixels, tokens))  # (B, N, 3, P*P)
+        # (B, gy, gx, 3, py, px) -> (B, 3, gy*py, gx*px)
+        rgb = rgb.view(b, grid, grid, 3, p, p).permute(0, 3, 1, 4, 2, 5)
         return rgb.reshape(b, 3, grid * p, grid * p)
