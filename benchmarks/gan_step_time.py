@@ -6,7 +6,8 @@
 
 Sizes a run for a wall-clock budget: steps in 45 minutes = 2700 / wall s/step. Prints one JSON object per
 model: wall and process-CPU seconds per step (CPU time is summed over threads, so on a shared machine it
-says more than the wall time), steps per epoch, the 1-minute load average before and after.
+says more than the wall time), GFLOPs per step (torch.utils.flop_counter: matrix products and
+convolutions only; the same on any machine), steps per epoch, the 1-minute load average before and after.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,6 +42,8 @@ def time_model(name: str, use_cpu_config: bool, overrides: list[str], warmup: in
     load_before = os.getloadavg()[0]
     for _ in range(warmup):
         trainer.train_step(batches)
+    with FlopCounterMode(display=False) as flops:
+        trainer.train_step(batches)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         metrics = trainer.train_step(batches)
@@ -53,6 +57,7 @@ def time_model(name: str, use_cpu_config: bool, overrides: list[str], warmup: in
         "n_critic": cfg.train.n_critic,
         "wall_s_per_step": round(wall, 3),
         "cpu_s_per_step": round(cpu, 3),
+        "gflop_per_step": round(flops.get_total_flops() / 1e9, 2),
         "steps_per_epoch": trainer.steps_per_epoch,
         "steps_in_45_min": int(2700 / wall),
         "generator_params": sum(p.numel() for p in trainer.generator.parameters()),
