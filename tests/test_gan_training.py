@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -27,7 +28,12 @@ PER_MODEL = {
     "wgan_small": {"train.loss": "wgan", "train.lambda_gp": 10.0},
     "wgan_large": {"train.loss": "wgan", "train.lambda_gp": 10.0, "train.ema_decay": 0.9},
     "progan": {"train.loss": "wgan", "train.lambda_gp": 10.0, "train.drift": 0.001, "progan.steps_per_stage": 1},
+    "vitgan": {
+        "train.loss": "bce", "model.patch_size": 4, "train.ema_decay": 0.9, "train.diff_augment": "color,translation,cutout",
+    },
 }
+N_PLUS_ONE = {"train.loss": "bce", "model.discriminator": "n_plus_one"}
+SCHEDULE = {"progan.schedule": [[8, 1, 1e-3], [16, 2, 5e-4], [8, 1, 2e-3]], "progan.fade_in": 0.5}
 
 
 def tiny_trainer(name, **extra):
@@ -62,8 +68,21 @@ def test_one_step_gives_finite_losses_and_moves_both_networks(name):
     assert changed(g_before, trainer.generator) and changed(d_before, trainer.discriminator)
     if PER_MODEL[name].get("train.lambda_gp"):
         assert metrics["gp"] > 0
-    if name == "wgan_large":
+    if name in ("wgan_large", "vitgan"):
         assert trainer.ema.num_updates == 1
+
+
+def test_n_plus_one_step_trains_both_networks_with_the_classification_losses():
+    trainer = tiny_trainer("cdcgan", **N_PLUS_ONE, **{"train.label_smoothing": True, "train.lambda_gp": 1.0})
+    g_before, d_before = snapshot(trainer.generator), snapshot(trainer.discriminator)
+    metrics = trainer.train_step(batches())
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("d_loss", "g_loss", "gp", "d_real", "d_fake"))
+    assert metrics["gp"] > 0 and metrics["skipped"] == 0
+    assert changed(g_before, trainer.generator) and changed(d_before, trainer.discriminator)
+    # an untrained 19-way classifier: each cross-entropy term starts near ln 19
+    plain = tiny_trainer("cdcgan", **N_PLUS_ONE).train_step(batches())
+    assert plain["d_loss"] == pytest.approx(2 * math.log(19), rel=0.1)
+    assert plain["g_loss"] == pytest.approx(math.log(19), rel=0.1)
 
 
 def test_every_dcgan_trick_runs_in_one_step():
@@ -89,6 +108,43 @@ def test_progan_step_follows_the_stage_schedule():
     assert seen == [8, 8, 16]
     assert trainer.train_step(batches())["alpha"] == 1.0  # faded in after half a stage (1 step)
     assert trainer.generate(trainer.sample_noise(2)).shape == (2, 3, 16, 16)
+
+
+def test_progan_schedule_visits_its_phases_in_order_with_their_learning_rates():
+    trainer = tiny_trainer("progan", **SCHEDULE, **{"progan.cycle": True})
+    trainer.steps_per_epoch = 2  # phases of 2, 4 and 2 steps
+    seen = []
+    for _ in range(10):
+        metrics = trainer.train_step(batches())
+        seen.append((metrics["resolution"], metrics["alpha"], trainer.opt_g.param_groups[0]["lr"]))
+        assert trainer.opt_d.param_groups[0]["lr"] == seen[-1][2]
+    assert seen == [
+        (8, 1.0, 1e-3), (8, 1.0, 1e-3),  # phase 0
+        (16, 0.0, 5e-4), (16, 0.5, 5e-4), (16, 1.0, 5e-4), (16, 1.0, 5e-4),  # up: fade-in over 2 of 4 steps
+        (8, 1.0, 2e-3), (8, 1.0, 2e-3),  # back down, with its own lr
+        (8, 1.0, 1e-3), (8, 1.0, 1e-3),  # cycled to phase 0
+    ]
+    assert trainer.generate(trainer.sample_noise(2)).shape == (2, 3, 8, 8)  # the phase last trained
+    with pytest.raises(ValueError, match="progan.schedule counts epochs"):
+        tiny_trainer("progan", **SCHEDULE).train_step(batches())
+
+
+@pytest.mark.parametrize("name", ["vitgan", "progan"])
+def test_resume_is_exact_for_vitgan_and_the_progan_schedule(tmp_path, name):
+    extra = SCHEDULE if name == "progan" else {}
+    trainer = tiny_trainer(name, **extra)
+    trainer.steps_per_epoch = 1
+    for _ in range(3):  # progan: into the 16px phase, mid fade-in
+        trainer.train_step(batches())
+    path = trainer.save(tmp_path / "ckpt")
+    resumed, _ = GanTrainer.from_checkpoint(path)
+    assert resumed.steps_per_epoch == 1 and resumed.stage == trainer.stage
+    m1, m2 = trainer.train_step(batches(seed=5)), resumed.train_step(batches(seed=5))
+    assert m1 == m2  # every metric, bit for bit
+    for a, b in ((trainer.generator, resumed.generator), (trainer.discriminator, resumed.discriminator)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    if name == "vitgan":
+        assert all(torch.equal(x, y) for x, y in zip(trainer.ema.module.parameters(), resumed.ema.module.parameters()))
 
 
 def test_non_finite_steps_are_skipped_then_abort():
@@ -242,7 +298,40 @@ def test_type_flag_filters_the_data_and_names_the_run():
     assert gan_train.default_run_dir(cfg).name == "cdcgan-grass"
 
 
-@pytest.mark.parametrize("name", ["dcgan", "wgan_small", "wgan_large", "progan", "cdcgan"])
+def test_vitgan_and_scheduled_progan_train_resume_and_generate_from_the_cli(tmp_path, tiny_data_root):
+    common = [
+        "--config", str(GAN_CONFIG_DIR / "tiny.yaml"), "--output-dir", str(tmp_path), f"data.root={tiny_data_root}",
+        "data.filter_generations=[]", "train.batch_size=8", "runtime.report_to=none", "train.epochs=5",
+    ]  # 19 training sprites / 8 = 2 steps per epoch
+    run = gan_train.main(["--model", "vitgan", "--max-steps", "1", *common, "model.patch_size=4"])
+    run = gan_train.main(["--resume", str(run), "--max-steps", "2"])
+    meta = json.loads((run / "checkpoints" / "step_0000002" / "gan_checkpoint.json").read_text())
+    assert meta["generator"]["class"] == "ViTGANGenerator" and meta["has_ema"]
+    assert sample_from_checkpoint(run, 3).shape == (3, 3, 16, 16)
+
+    run = gan_train.main([
+        "--model", "progan", "--max-steps", "3", *common, "progan.schedule=[[16,1,1e-3],[8,1,2e-3]]",
+    ])
+    with open(run / "losses.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["resolution"], float(r["lr_g"])) for r in rows] == [("16", 1e-3), ("16", 1e-3), ("8", 2e-3)]
+    meta = json.loads((run / "checkpoints" / "step_0000003" / "gan_checkpoint.json").read_text())
+    assert meta["steps_per_epoch"] == 2 and meta["stage"]["resolution"] == 8
+    assert sample_from_checkpoint(run, 2).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["dcgan", "wgan_small", "wgan_large", "progan", "cdcgan", "vitgan"])
+def test_cpu_protocol_overlays_train_at_64_px_for_45_minutes(name):
+    args = gan_train.build_parser().parse_args(["--model", name, "--config", str(GAN_CONFIG_DIR / "cpu" / f"{name}.yaml")])
+    cfg, _, _ = gan_train.config_from_args(args)
+    assert cfg.model.resolution == 64 and cfg.train.max_minutes == 45 and cfg.train.batch_size == 32
+    assert cfg.train.max_steps is None and cfg.runtime.output_dir == "outputs/gan-cpu"
+    if name == "progan":  # PokéGAN-style cycling that ends on a long full-resolution phase
+        resolutions = [r for r, _, _ in cfg.progan.schedule]
+        assert resolutions[:3] == [32, 64, 32] and resolutions[-1] == 64 and not cfg.progan.cycle
+
+
+@pytest.mark.parametrize("name", ["dcgan", "wgan_small", "wgan_large", "progan", "cdcgan", "vitgan"])
 def test_shipped_configs_load_and_follow_the_spec(name):
     cfg = load_gan_config(GAN_CONFIG_DIR / f"{name}.yaml")
     assert cfg.model.name == name
@@ -260,6 +349,11 @@ def test_shipped_configs_load_and_follow_the_spec(name):
         assert cfg.progan.resolutions == [32, 64, 128]
     if name in ("dcgan", "cdcgan"):
         assert cfg.model.resolution == 96 and cfg.model.latent_dim == 50 and cfg.train.label_smoothing
+    if name == "cdcgan":
+        assert cfg.model.discriminator == "projection"
+    if name == "vitgan":
+        assert cfg.model.resolution == 64 and cfg.model.patch_size == 8 and cfg.model.spectral_norm
+        assert cfg.train.ema_decay and "translation" in cfg.train.diff_augment and cfg.train.batch_size == 32
 
 
 def test_pretraining_on_another_dataset_then_the_sprites(tmp_path, tiny_data_root):

@@ -1,4 +1,4 @@
-"""GAN baselines (DCGAN, WGAN-GP small/large, progressive GAN, conditional DCGAN) on the shared data layer.
+"""GAN baselines (DCGAN, WGAN-GP small/large, progressive GAN, conditional DCGAN, ViTGAN) on the shared data layer.
 
 Entry points: ``python -m pokediff.gan.train``, ``pokediff.gan.generate`` (CLI and
 :func:`~pokediff.gan.generate.sample_from_checkpoint`), ``pokediff.gan.plot_losses``, ``pokediff.gan.make_gifs``.

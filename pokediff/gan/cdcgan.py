@@ -1,5 +1,6 @@
 """Conditional DCGAN on the primary type: the type embedding is concatenated to the noise in G, and D is
-a projection discriminator (Miyato & Koyama 2018): score = head(h) + <embed(y), sum-pooled h>."""
+a projection discriminator (Miyato & Koyama 2018): score = head(h) + <embed(y), sum-pooled h>, or
+(``model.discriminator=n_plus_one``, PokéGAN's next step) a classifier into the N types plus "fake"."""
 
 from __future__ import annotations
 
@@ -59,4 +60,27 @@ class ProjectionDiscriminator(ModelMixin, ConfigMixin):
         h = self.features(x)
         pooled = h.sum(dim=(2, 3))
         logits = self.head(h).flatten() + (self.class_projection(labels) * pooled).sum(dim=1)
+        return (logits, h.mean(dim=(2, 3))) if return_features else logits
+
+
+class NPlusOneDiscriminator(ModelMixin, ConfigMixin):
+    """A classifier into ``num_classes`` types plus one "fake" class (the last logit): real sprites are
+    trained toward their type, generated ones toward "fake", and G toward the type it was asked for (the
+    losses are in :mod:`pokediff.gan.losses`). The image alone decides; ``class_labels`` are only checked."""
+
+    is_conditional = True
+
+    @register_to_config
+    def __init__(self, resolution=96, base_channels=64, max_channels=1024, spectral_norm=True, num_classes=18):
+        super().__init__()
+        self.features, channels = build_dcgan_discriminator_features(
+            resolution, base_channels, max_channels, spectral_norm
+        )
+        self.head = maybe_sn(nn.Conv2d(channels, num_classes + 1, start_size(resolution)[0]), spectral_norm)
+
+    def forward(self, x, class_labels=None, return_features=False):
+        if class_labels is not None:
+            _check_labels(class_labels, x.shape[0], self.config.num_classes, "NPlusOneDiscriminator")
+        h = self.features(x)
+        logits = self.head(h).flatten(1)  # (B, num_classes + 1)
         return (logits, h.mean(dim=(2, 3))) if return_features else logits

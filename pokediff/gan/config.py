@@ -7,6 +7,7 @@ suggest the closest valid key, and ``base: other.yaml`` inheritance works as for
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,17 +15,18 @@ from typing import Optional
 from pokediff.config import CONFIG_DIR, ConfigError, DataConfig, build_config, config_from_dict
 
 GAN_CONFIG_DIR = CONFIG_DIR / "gan"
-MODEL_NAMES = ("dcgan", "wgan_small", "wgan_large", "progan", "cdcgan")
+MODEL_NAMES = ("dcgan", "wgan_small", "wgan_large", "progan", "cdcgan", "vitgan")
+CDCGAN_DISCRIMINATORS = ("projection", "n_plus_one")
 LOSS_NAMES = ("bce", "wgan")
 
 
 @dataclass
 class GanModelConfig:
-    name: str = "dcgan"  # dcgan | wgan_small | wgan_large | progan | cdcgan
+    name: str = "dcgan"  # dcgan | wgan_small | wgan_large | progan | cdcgan | vitgan
     resolution: int = 96  # output size; progan: the last stage
     latent_dim: int = 50
     g_features: int = 64  # feature maps of G's last (widest-resolution) block; earlier blocks double it
-    d_features: int = 64  # feature maps of D's first block; later blocks double it
+    d_features: int = 64  # feature maps of D's first block; later blocks double it (vitgan: token widths)
     g_max_features: int = 512
     d_max_features: int = 1024
     g_dropout: float = 0.0  # dropout after each G upsampling block (a DCGAN trick)
@@ -32,6 +34,12 @@ class GanModelConfig:
     attention_resolution: int = 32  # wgan_large: self-attention at this feature size (0 = none)
     num_classes: int = 18  # cdcgan: number of primary types (len(pokediff.data.TYPE_NAMES))
     class_embed_dim: int = 16  # cdcgan: type embedding concatenated to the noise
+    discriminator: str = "projection"  # cdcgan: projection | n_plus_one (N types + "fake" classifier)
+    patch_size: int = 8  # vitgan: pixels per patch side (one token per patch in G and D)
+    g_depth: int = 4  # vitgan: transformer blocks in G
+    d_depth: int = 4  # vitgan: transformer blocks in D
+    num_heads: int = 4  # vitgan: attention heads (g_features and d_features must be multiples of it)
+    decoder_channels: int = 32  # vitgan: width of G's implicit (Fourier-feature, sin) patch decoder
 
 
 @dataclass
@@ -64,7 +72,11 @@ class ProganConfig:
     resolutions: list = field(default_factory=lambda: [32, 64, 128])  # stages; the last = model.resolution
     steps_per_stage: int = 3000  # generator steps spent at each resolution
     fade_in: float = 0.5  # fraction of a new stage spent blending the new block in (0 = no fade-in)
-    cycle: bool = False  # after the last stage, cycle through the resolutions again (no fade-in)
+    cycle: bool = False  # after the last stage (or schedule phase), start again at the first
+    # PokéGAN's resolution cycling: [[resolution, epochs, lr], ...] phases in order, down as well as up
+    # (an increase is one doubling, faded in); replaces resolutions / steps_per_stage when given.
+    # lr is the learning rate of G and D during the phase.
+    schedule: list = field(default_factory=list)
 
 
 @dataclass
@@ -120,7 +132,19 @@ def validate_gan_config(cfg: GanConfig) -> GanConfig:
         raise ConfigError(f"train.label_flip_prob must be in [0, 1], got {cfg.train.label_flip_prob}")
     if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {cfg.train.ema_decay}")
-    if cfg.model.name == "progan":
+    if cfg.model.discriminator not in CDCGAN_DISCRIMINATORS:
+        raise ConfigError(
+            f"model.discriminator '{cfg.model.discriminator}' is not one of {', '.join(CDCGAN_DISCRIMINATORS)}"
+        )
+    if cfg.model.discriminator == "n_plus_one":
+        if cfg.model.name != "cdcgan":
+            raise ConfigError(f"model.discriminator=n_plus_one needs model.name=cdcgan, got {cfg.model.name}")
+        if cfg.train.loss != "bce":
+            raise ConfigError("model.discriminator=n_plus_one is a classifier: it needs train.loss=bce")
+    if cfg.model.name == "progan" and cfg.progan.schedule:
+        cfg.progan.schedule = validate_progan_schedule(cfg.progan.schedule, cfg.model.resolution)
+        _check_schedule_wrap(cfg)
+    elif cfg.model.name == "progan":
         stages = cfg.progan.resolutions
         if not stages or stages != sorted(stages) or stages[-1] != cfg.model.resolution:
             raise ConfigError(
@@ -138,6 +162,54 @@ def validate_gan_config(cfg: GanConfig) -> GanConfig:
     # GANs work at one fixed size: the data layer must deliver exactly what G produces.
     cfg.data.resolution = cfg.model.resolution
     return cfg
+
+
+def validate_progan_schedule(schedule, model_resolution: int) -> list:
+    """``progan.schedule`` checked phase by phase, with the learning rates as floats (YAML reads ``2e-4``,
+    without a dot, as text)."""
+    if not isinstance(schedule, (list, tuple)):
+        raise ConfigError(f"progan.schedule must be a list of [resolution, epochs, lr] phases, got {schedule!r}")
+    supported = [8 * 2**k for k in range(12) if 8 * 2**k <= model_resolution]
+    phases = []
+    for i, phase in enumerate(schedule):
+        where = f"progan.schedule[{i}]"
+        if not isinstance(phase, (list, tuple)) or len(phase) != 3:
+            raise ConfigError(f"{where} must be [resolution, epochs, lr], got {phase!r}")
+        resolution, epochs, lr = phase
+        if isinstance(resolution, bool) or resolution not in supported:
+            raise ConfigError(
+                f"{where}: resolution {resolution!r} is not a stage of this model (model.resolution "
+                f"{model_resolution}); use one of {', '.join(map(str, supported))}"
+            )
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"{where}: epochs must be a positive whole number, got {epochs!r}")
+        try:
+            lr = float(lr) if not isinstance(lr, bool) else math.nan
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"{where}: lr must be a finite number > 0, got {phase[2]!r}")
+        if phases and resolution > 2 * phases[-1][0]:
+            raise ConfigError(
+                f"{where} goes up from {phases[-1][0]} to {resolution}: go up one doubling at a time "
+                "(the fade-in blends in one new block)"
+            )
+        phases.append([resolution, epochs, lr])
+    return phases
+
+
+def _check_schedule_wrap(cfg: GanConfig) -> None:
+    first, last = cfg.progan.schedule[0][0], cfg.progan.schedule[-1][0]
+    if cfg.progan.cycle and first > 2 * last:
+        raise ConfigError(
+            f"progan.cycle: progan.schedule would go up from its last phase ({last}) to its first ({first}); "
+            "go up one doubling at a time"
+        )
+
+
+def progan_start_resolution(cfg: GanConfig) -> int:
+    """The smallest resolution the progan networks must run at."""
+    return min(r for r, _, _ in cfg.progan.schedule) if cfg.progan.schedule else cfg.progan.resolutions[0]
 
 
 def default_config_path(model_name: str) -> Path:

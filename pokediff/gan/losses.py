@@ -80,3 +80,32 @@ def wasserstein_generator_loss(scores_fake) -> torch.Tensor:
 def feature_matching_loss(features_real: torch.Tensor, features_fake: torch.Tensor) -> torch.Tensor:
     """Squared distance between the batch-mean D features of real and generated images (Salimans et al.)."""
     return F.mse_loss(features_fake.mean(dim=0), features_real.detach().mean(dim=0))
+
+
+# --- N+1-class discriminator (types + "fake"; logits (B, N+1), the last one "fake")
+def n_plus_one_targets(class_labels: torch.Tensor, realness: torch.Tensor, num_logits: int) -> torch.Tensor:
+    """Soft targets over the N+1 classes: ``realness`` (the binary target of
+    :func:`discriminator_targets`, 1 = real) on the image's type, the rest on "fake". Hard 1/0 targets give
+    plain cross-entropy toward the type / toward "fake"; label smoothing and flips carry over unchanged."""
+    realness = realness.to(class_labels.device, torch.float)
+    targets = torch.zeros(class_labels.shape[0], num_logits, device=class_labels.device)
+    targets[torch.arange(class_labels.shape[0], device=class_labels.device), class_labels] = realness
+    targets[:, -1] = 1.0 - realness
+    return targets
+
+
+def n_plus_one_discriminator_loss(logits_real, logits_fake, class_labels, targets_real, targets_fake):
+    num_logits = logits_real.shape[1]
+    return F.cross_entropy(logits_real, n_plus_one_targets(class_labels, targets_real, num_logits)) + F.cross_entropy(
+        logits_fake, n_plus_one_targets(class_labels, targets_fake, num_logits)
+    )
+
+
+def n_plus_one_generator_loss(logits_fake, class_labels) -> torch.Tensor:
+    """G wants its image classified as the type it was asked for."""
+    return F.cross_entropy(logits_fake, class_labels)
+
+
+def n_plus_one_realness(logits: torch.Tensor) -> torch.Tensor:
+    """log P(any type) - log P(fake): the binary real/fake logit hidden in N+1 logits (for logging, GP)."""
+    return torch.logsumexp(logits[:, :-1], dim=1) - logits[:, -1]

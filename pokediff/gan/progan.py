@@ -3,7 +3,8 @@
 Both networks are built up to ``resolution`` from a 4x4 base; ``forward(..., resolution=r, alpha=a)``
 runs only the blocks up to ``r`` and, while ``a < 1``, blends the newest block with the upsampled (G) or
 downsampled (D) output of the previous resolution: the fade-in. The training schedule (which stage at
-which step) lives in :func:`progan_stage`.
+which step) lives in :func:`progan_stage` (grow, optionally restart) and :func:`progan_phase` (PokéGAN's
+resolution cycling: phases that go down as well as up, each with its own learning rate).
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def progan_stage(step: int, resolutions: list[int], steps_per_stage: int, fade_i
     if index > 0 and fade_in > 0:
         alpha = min(1.0, (step - index * steps_per_stage) / (fade_in * steps_per_stage))
     return resolutions[index], alpha
+
+
+def progan_phase(step: int, phases: list, fade_in: float, cycle: bool) -> tuple[int, float, float]:
+    """(resolution, alpha, lr) at a generator step of a PokéGAN-style schedule: ``phases`` of
+    (resolution, steps, lr) run in order, going down as well as up. A phase whose resolution is above the
+    previous phase's fades its new block in over its first ``fade_in`` fraction; going down needs no
+    fade-in (the smaller blocks are trained). After the last phase: stay there, or with ``cycle`` start
+    again at the first (fading in if that goes up)."""
+    total = sum(steps for _, steps, _ in phases)
+    if step >= total and not cycle:
+        resolution, _, lr = phases[-1]
+        return resolution, 1.0, lr
+    wrapped = step >= total
+    step %= total
+    start = 0
+    for index, (resolution, steps, lr) in enumerate(phases):
+        if step < start + steps:
+            break
+        start += steps
+    previous = phases[index - 1][0] if index > 0 else (phases[-1][0] if wrapped else resolution)
+    alpha = 1.0
+    if resolution > previous and fade_in > 0:
+        alpha = min(1.0, (step - start) / (fade_in * steps))
+    return resolution, alpha, lr
 
 
 class ProGANGenerator(ModelMixin, ConfigMixin):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pokediff.gan.cdcgan import ConditionalDCGANGenerator, ProjectionDiscriminator
-from pokediff.gan.config import MODEL_NAMES, GanConfig
+from pokediff.gan.cdcgan import ConditionalDCGANGenerator, NPlusOneDiscriminator, ProjectionDiscriminator
+from pokediff.gan.config import MODEL_NAMES, GanConfig, progan_start_resolution
 from pokediff.gan.dcgan import DCGANDiscriminator, DCGANGenerator
 from pokediff.gan.progan import ProGANDiscriminator, ProGANGenerator
+from pokediff.gan.vitgan import ViTGANDiscriminator, ViTGANGenerator
 from pokediff.gan.wgan_large import WGANLargeCritic, WGANLargeGenerator
 from pokediff.gan.wgan_small import WGANSmallCritic, WGANSmallGenerator
 
@@ -16,12 +17,15 @@ MODEL_CLASSES = {
         DCGANDiscriminator,
         ConditionalDCGANGenerator,
         ProjectionDiscriminator,
+        NPlusOneDiscriminator,
         WGANSmallGenerator,
         WGANSmallCritic,
         WGANLargeGenerator,
         WGANLargeCritic,
         ProGANGenerator,
         ProGANDiscriminator,
+        ViTGANGenerator,
+        ViTGANDiscriminator,
     )
 }
 
@@ -36,11 +40,12 @@ def build_models(cfg: GanConfig):
             DCGANDiscriminator(res, m.d_features, m.d_max_features, m.spectral_norm),
         )
     if m.name == "cdcgan":
+        discriminator_class = NPlusOneDiscriminator if m.discriminator == "n_plus_one" else ProjectionDiscriminator
         return (
             ConditionalDCGANGenerator(
                 res, z, m.g_features, m.g_max_features, m.g_dropout, m.num_classes, m.class_embed_dim
             ),
-            ProjectionDiscriminator(res, m.d_features, m.d_max_features, m.spectral_norm, m.num_classes),
+            discriminator_class(res, m.d_features, m.d_max_features, m.spectral_norm, m.num_classes),
         )
     if m.name == "wgan_small":
         return (
@@ -52,8 +57,19 @@ def build_models(cfg: GanConfig):
             WGANLargeGenerator(res, z, m.g_features, m.g_max_features, m.attention_resolution),
             WGANLargeCritic(res, m.d_features, m.d_max_features, m.attention_resolution, m.spectral_norm),
         )
+    if m.name == "vitgan":
+        return (
+            ViTGANGenerator(
+                res, z, m.patch_size, m.g_features, m.g_depth, m.num_heads, decoder_channels=m.decoder_channels
+            ),
+            # overlapping patches: each D token sees a quarter patch beyond its borders on every side
+            ViTGANDiscriminator(
+                res, m.patch_size, max(m.patch_size // 4, 1), m.d_features, m.d_depth, m.num_heads,
+                spectral_norm=m.spectral_norm,
+            ),
+        )
     if m.name == "progan":
-        start = cfg.progan.resolutions[0]
+        start = progan_start_resolution(cfg)
         return (
             ProGANGenerator(res, start, z, m.g_features, m.g_max_features),
             ProGANDiscriminator(res, start, m.d_features, m.d_max_features),

@@ -199,6 +199,7 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
         return path
 
     steps_per_epoch = max(len(sprites.loader) // t.n_critic, 1)
+    trainer.steps_per_epoch = steps_per_epoch  # progan.schedule counts its phases in epochs
     total = t.max_steps if t.max_steps is not None else cfg.pretrain.steps * bool(pretrain) + t.epochs * steps_per_epoch
     started = time.time()
     stop_reason = "max_steps"

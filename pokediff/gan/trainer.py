@@ -17,7 +17,7 @@ from pokediff.gan import losses
 from pokediff.gan.checkpoint import load_tensors, read_meta, save_gan_checkpoint, unflatten_optimizer_state
 from pokediff.gan.config import GanConfig, gan_config_from_dict
 from pokediff.gan.ema import GeneratorEMA
-from pokediff.gan.progan import progan_stage
+from pokediff.gan.progan import progan_phase, progan_stage
 from pokediff.gan.registry import build_models
 
 BatchFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -38,6 +38,9 @@ class GanTrainer:
         self.step = 0  # generator updates so far
         self.epoch = 0  # passes over the data completed
         self.class_counts: list[int] | None = None  # primary-type histogram of the training data
+        self.steps_per_epoch: int | None = None  # generator steps per pass over the data; train() sets it
+        # cdcgan with an N+1-class head: D returns (B, N+1) logits, trained with the classification losses
+        self.n_plus_one = cfg.model.name == "cdcgan" and cfg.model.discriminator == "n_plus_one"
         self.aug_rng = torch.Generator(device=self.device).manual_seed(cfg.runtime.seed + 1)
         self.noise_rng = torch.Generator().manual_seed(cfg.runtime.seed + 2)
         self._nonfinite_streak = {"discriminator loss": 0, "generator loss": 0}
@@ -47,10 +50,26 @@ class GanTrainer:
     def is_conditional(self) -> bool:
         return self.generator.is_conditional
 
+    @property
+    def uses_schedule(self) -> bool:
+        return self.cfg.model.name == "progan" and bool(self.cfg.progan.schedule)
+
+    def phase_at(self, step: int) -> tuple[int, float, float]:
+        """(resolution, alpha, lr) of ``progan.schedule`` at generator step ``step``."""
+        if self.steps_per_epoch is None:
+            raise ValueError(
+                "progan.schedule counts epochs: set GanTrainer.steps_per_epoch (pokediff.gan.train does)"
+            )
+        p = self.cfg.progan
+        phases = [(resolution, epochs * self.steps_per_epoch, lr) for resolution, epochs, lr in p.schedule]
+        return progan_phase(step, phases, p.fade_in, p.cycle)
+
     def stage_at(self, step: int) -> tuple[int, float]:
         """(resolution, fade-in alpha) the networks run at in generator step ``step``."""
         if self.cfg.model.name != "progan":
             return self.cfg.model.resolution, 1.0
+        if self.uses_schedule:
+            return self.phase_at(step)[:2]
         p = self.cfg.progan
         return progan_stage(step, p.resolutions, p.steps_per_stage, p.fade_in, p.cycle)
 
@@ -86,6 +105,10 @@ class GanTrainer:
             coarse = F.interpolate(F.avg_pool2d(images, 2), scale_factor=2, mode="nearest")
             images = torch.lerp(coarse, images, alpha)
         return images
+
+    def _score(self, d_output: torch.Tensor) -> torch.Tensor:
+        """One real-vs-fake score per image (N+1 logits -> their binary logit) for the metrics and the GP."""
+        return losses.n_plus_one_realness(d_output) if self.n_plus_one else d_output
 
     def _labels(self, labels) -> torch.Tensor | None:
         return labels.to(self.device) if self.is_conditional else None
@@ -125,6 +148,9 @@ class GanTrainer:
         G.train()
         D.train()
         g_kwargs, d_kwargs = self._stage_kwargs(self.step)
+        if self.uses_schedule:  # each phase of the schedule has its own learning rate, for G and D
+            lr = self.phase_at(self.step)[2]
+            self.set_learning_rates(lr, lr)
         zero = torch.zeros((), device=self.device)
         skipped = 0
 
@@ -143,16 +169,19 @@ class GanTrainer:
                     smoothing=t.label_smoothing, real_range=t.real_label_range, fake_range=t.fake_label_range,
                     flip_prob=t.label_flip_prob, device=self.device, generator=self.noise_rng,
                 )
-                d_loss = losses.bce_discriminator_loss(
-                    out_real, out_fake,
-                    losses.discriminator_targets(batch, real=True, **targets),
-                    losses.discriminator_targets(batch, real=False, **targets),
-                )
+                targets_real = losses.discriminator_targets(batch, real=True, **targets)
+                targets_fake = losses.discriminator_targets(batch, real=False, **targets)
+                if self.n_plus_one:
+                    d_loss = losses.n_plus_one_discriminator_loss(out_real, out_fake, labels, targets_real, targets_fake)
+                else:
+                    d_loss = losses.bce_discriminator_loss(out_real, out_fake, targets_real, targets_fake)
             else:
                 d_loss = losses.wasserstein_critic_loss(out_real, out_fake, drift=t.drift)
             gp = zero
             if t.lambda_gp > 0:
-                gp = losses.gradient_penalty(lambda x: D(x, labels, **d_kwargs), real_in, fake_in, self.noise_rng)
+                gp = losses.gradient_penalty(
+                    lambda x: self._score(D(x, labels, **d_kwargs)), real_in, fake_in, self.noise_rng
+                )
             d_total = d_loss + t.lambda_gp * gp
             self.opt_d.zero_grad(set_to_none=True)
             if self._check_finite(d_total, "discriminator loss"):
@@ -166,7 +195,9 @@ class GanTrainer:
         D.requires_grad_(False)  # G's update needs gradients through D, not for D
         fake = G(self.sample_noise(batch), labels, **g_kwargs)
         out_gen, features_fake = D(self.augment(fake), labels, return_features=True, **d_kwargs)
-        if t.loss == "bce":
+        if self.n_plus_one:
+            g_loss = losses.n_plus_one_generator_loss(out_gen, labels)
+        elif t.loss == "bce":
             g_loss = losses.bce_generator_loss(out_gen)
         else:
             g_loss = losses.wasserstein_generator_loss(out_gen)
@@ -191,8 +222,8 @@ class GanTrainer:
             "g_loss": float(g_loss.detach()),
             "gp": float(gp.detach()),
             "fm_loss": float(fm.detach()),
-            "d_real": float(out_real.detach().mean()),
-            "d_fake": float(out_fake.detach().mean()),
+            "d_real": float(self._score(out_real.detach()).mean()),
+            "d_fake": float(self._score(out_fake.detach()).mean()),
             "d_grad_norm": float(d_grad_norm.detach()),
             "g_grad_norm": float(g_grad_norm.detach()),
             "resolution": resolution,
@@ -215,6 +246,7 @@ class GanTrainer:
             "epoch": self.epoch,
             "stage": {"resolution": resolution, "alpha": alpha},
             "class_counts": self.class_counts,
+            "steps_per_epoch": self.steps_per_epoch,
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
             "gan_config": self.cfg.to_dict(),
             **(extra_meta or {}),
@@ -263,4 +295,5 @@ class GanTrainer:
         trainer.step = int(meta["step"])
         trainer.epoch = int(meta["epoch"])
         trainer.class_counts = meta.get("class_counts")
+        trainer.steps_per_epoch = meta.get("steps_per_epoch")
         return trainer, {"meta": meta, "extra": extra}
