@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import REPO_ROOT
 from .constants import primary_type_id
+from pokediff.errors import PokediffError
+
 from .transforms import SpriteTransform
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class BadDataError(ValueError):
+class BadDataError(PokediffError, ValueError):
     """A dataset row whose image cannot be read or whose caption is missing."""
 
 

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+from pokediff.errors import CheckpointError, NoUsableWeightsError, PokediffError, verify_checkpoint_files, write_failure
 from pokediff.fileio import swap_into_place
 from pokediff.config import save_config
 
@@ -109,9 +110,12 @@ def start_stage(accelerator: Accelerator, cfg, stage: str) -> Path:
     """Create the run folder, save the resolved config, start this stage's trackers (``logs/<stage>``)."""
     folder = run_dir(cfg)
     if accelerator.is_main_process:
-        for sub in ("samples", "checkpoints", "logs"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, folder / "config.yaml")
+        try:
+            for sub in ("samples", "checkpoints", "logs"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, folder / "config.yaml")
+        except OSError as err:
+            raise write_failure(folder, err) or err
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.init_trackers(stage, config=_flat_hparams(cfg))
@@ -205,16 +209,23 @@ def one_cycle(optimizer, learning_rate: float, total_steps: int, warmup_fraction
     """OneCycleLR over ``total_steps`` updates; accelerate steps a prepared scheduler once per process."""
     if not 0.0 < warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
+    scheduler_steps = max(total_steps * num_processes, 2)
+    if warmup_fraction * scheduler_steps < 2:
+        # OneCycleLR divides by the warm-up length in steps minus one (ZeroDivisionError at exactly one step);
+        # a run this short (--max-steps) has no room for a warm-up: start at the peak and anneal.
+        logger.warning("only %d steps: too few for a warm-up of %.0f%%, the learning rate starts at its peak",
+                       total_steps, 100 * warmup_fraction)
+        warmup_fraction = 0.5 / scheduler_steps
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=learning_rate,
-        total_steps=max(total_steps * num_processes, 2),
+        total_steps=scheduler_steps,
         pct_start=warmup_fraction,
     )
 
 
 # ------------------------------------------------------------------------------ stability guards
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PokediffError, RuntimeError):
     """Raised after ``runtime.nan_max_consecutive`` non-finite batches in a row."""
 
 
@@ -408,6 +419,15 @@ class TrainingState:
             data["best_val_loss"] = float("inf")
         return cls(**data)
 
+    @classmethod
+    def read(cls, path) -> "TrainingState":
+        """The state saved in ``path`` (a training_state.json); ``CheckpointError`` naming it if garbled."""
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"checkpoint file {path} is damaged: {err}") from err
+
 
 class CheckpointManager:
     """Atomic ``accelerator.save_state`` checkpoints in ``<run>/checkpoints/<stage>/checkpoint-<step>``.
@@ -447,7 +467,7 @@ class CheckpointManager:
         state_file = Path(input_dir, TRAINING_STATE_NAME)
         if not state_file.is_file():
             raise FileNotFoundError(f"{input_dir} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
-        self.loaded_state = TrainingState.from_json(state_file.read_text())
+        self.loaded_state = TrainingState.read(state_file)
         if self.ema is not None:
             ema_dir = Path(input_dir, EMA_DIR_NAME)
             if not ema_dir.is_dir():
@@ -476,19 +496,38 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """``None`` -> no resume; ``latest`` -> newest complete checkpoint or None; else a folder that must exist."""
+        """``None`` -> no resume; ``latest`` -> newest intact checkpoint or None; else a folder that must exist
+        and be intact.
+
+        A damaged newest checkpoint (truncated weights, garbled JSON) is passed over for the one before it, with
+        a warning naming the damaged file; ``CheckpointError`` if checkpoints exist but none is intact.
+        """
         if resume is None:
             return None
         if resume == "latest":
-            latest = self.latest()
-            if latest is None:
+            found = self.checkpoints()
+            if not found:
                 logger.info("no checkpoint to resume from in %s: starting fresh", self.folder)
-            return latest
+                return None
+            damaged = []
+            for path in reversed(found):
+                try:
+                    verify_checkpoint_files(path)
+                    TrainingState.read(path / TRAINING_STATE_NAME)
+                except (CheckpointError, FileNotFoundError) as err:
+                    damaged.append(str(err))
+                    logger.warning("--resume latest: %s; trying the checkpoint before it", err)
+                    continue
+                if damaged:
+                    logger.warning("--resume latest: falling back to %s, the newest intact checkpoint", path)
+                return path
+            raise CheckpointError(f"--resume latest: no intact checkpoint in {self.folder}: " + "; ".join(damaged))
         path = Path(resume).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume: checkpoint folder not found: {path}")
         if not (path / TRAINING_STATE_NAME).is_file():
             raise FileNotFoundError(f"--resume: {path} is not a pokediff checkpoint ({TRAINING_STATE_NAME} missing)")
+        verify_checkpoint_files(path)
         return path
 
     # ------------------------------------------------------------------ save / load
@@ -506,11 +545,23 @@ class CheckpointManager:
         self._pending_state = state
         try:
             acc.save_state(str(tmp))
+        except (OSError, RuntimeError) as err:
+            failure = write_failure(tmp, err)
+            if failure is None:
+                raise
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take more space
+            previous = self.latest()
+            keep = f"; the last complete checkpoint {previous} is intact" if previous else ""
+            raise type(failure)(f"{failure}{keep}") from err
         finally:
             self._pending_state = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            swap_into_place(tmp, final)  # the same step may be saved twice (final save after a periodic one)
+            try:
+                swap_into_place(tmp, final)  # the same step may be saved twice (final save after a periodic one)
+            except OSError as err:
+                raise write_failure(final, err) or err
             for stale in self.checkpoints()[: -self.total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
@@ -520,7 +571,13 @@ class CheckpointManager:
     def load(self, path) -> TrainingState:
         """Restore models, optimizer, scheduler, RNG, EMA from ``path``; returns the saved position."""
         self.loaded_state = None
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError, EOFError, OSError) as err:
+            if isinstance(err, (CheckpointError, FileNotFoundError)):
+                raise
+            # e.g. a size mismatch: the checkpoint was made with another model configuration
+            raise CheckpointError(f"cannot load checkpoint {path}: {str(err).strip().splitlines()[0][:300]}") from err
         if self.loaded_state is None:
             raise FileNotFoundError(f"{path} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
         logger.info("resumed from %s at step %d", path, self.loaded_state.global_step)
@@ -534,10 +591,12 @@ def resume_or_start(accelerator, checkpoints: CheckpointManager, resume_from: Op
     if resume_from is None:
         return TrainingState(stage=stage, total_steps=total_steps)
     state = checkpoints.load(resume_from)
+    if state.stage != stage:
+        raise CheckpointError(f"--resume: {resume_from} is a {state.stage} checkpoint, not a {stage} one")
     if state.total_steps != total_steps:
-        raise ValueError(
-            f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives {total_steps}: "
-            f"resume with the same {stage} / runtime settings"
+        raise CheckpointError(
+            f"--resume: checkpoint {resume_from} was made for a {state.total_steps}-step {stage}, this run gives "
+            f"{total_steps} steps: resume with the same --max-steps / {stage}.epochs / batch size as that run"
         )
     guard.load_state_dict(state.extra.get("guard", {}))
     detector.load_state_dict(state.extra.get("detector", {}))
@@ -556,11 +615,18 @@ def save_training_checkpoint(checkpoints: CheckpointManager, state: TrainingStat
 def atomic_save_pretrained(model, folder, **kwargs) -> Path:
     """``model.save_pretrained`` into a temp folder beside ``folder``, then swap it in (main process only)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
-    return swap_into_place(tmp, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        return swap_into_place(tmp, folder)
+    except (OSError, RuntimeError) as err:
+        failure = write_failure(folder, err)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failure from err
 
 
 # ----------------------------------------------------------------------------------------- logging

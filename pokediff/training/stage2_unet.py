@@ -8,6 +8,7 @@ as its posterior mean and std, and every caption as its embedding. Each step dra
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.text import load_text_encoder
 from pokediff.models.unet import build_unet
@@ -245,7 +247,8 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         one_cycle(optimizer, s2.learning_rate, total_steps, s2.warmup_fraction, accelerator.num_processes)
     )
 
-    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
     detector = GradExplosionDetector(rt.grad_explosion_factor)
     stepper = OptimizerStepper(accelerator, unet, optimizer, lr_scheduler, s2.grad_clip, guard, detector, ema=ema)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit,
@@ -324,6 +327,11 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     progress.close()
+    if not math.isfinite(state.best_val_loss):
+        raise NoUsableWeightsError(
+            f"stage 2 ended without usable weights: every validation loss was NaN/inf, so {folder / 'unet'} was "
+            "not written; lower stage2.learning_rate or check the VAE, then train stage 2 again"
+        )
     save_checkpoint()  # final
 
     unet_dir = folder / "unet"

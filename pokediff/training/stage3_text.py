@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from pokediff.errors import NoUsableWeightsError
 from pokediff.fileio import swap_into_place
 from pokediff.data import SpriteDataset, load_splits, tokenize_captions
 from pokediff.models.clip import (
@@ -285,7 +287,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
                                                      accelerator.gradient_accumulation_steps, rt.max_steps)
     lr_scheduler = accelerator.prepare(
         one_cycle(optimizer, s3.learning_rate, total_steps, s3.warmup_fraction, accelerator.num_processes))
-    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
     detector = GradExplosionDetector(rt.grad_explosion_factor)
     stepper = OptimizerStepper(accelerator, text_encoder, optimizer, lr_scheduler, s3.grad_clip, guard, detector)
     losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
@@ -379,6 +382,11 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         after = evaluate(cfg, vae, unet, model, tokenizer, scorer, val_set.captions, val_cache, noise_scheduler,
                          folder / "samples" / "stage3_after.png")
         log_image_grid(accelerator, "stage3_after", after["grid"], state.global_step)
+        if not math.isfinite(after["val_denoise_loss"]):
+            raise NoUsableWeightsError(
+                f"stage 3 ended without usable weights: the tuned text encoder gives a NaN/inf validation "
+                f"denoising loss, so {folder / 'text_encoder'} was not written; lower stage3.learning_rate"
+            )
         log_metrics(accelerator, losses, state.global_step, state.epoch,
                     {"val_clip_score": after["val_clip_score"], "val_denoise_loss": after["val_denoise_loss"]})
         text_dir = atomic_save_pretrained(model, folder / "text_encoder")
