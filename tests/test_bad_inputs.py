@@ -372,3 +372,14 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
 def test_checkpoint_error_is_a_value_error():
     # callers that caught ValueError for resume problems keep working
     assert issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize("flags, extra, message", [
+    (["--max-steps", "0"], {}, "error: max_steps must be >= 1, got 0"),
+    ([], {"data.filter_generations": [9]}, "error: no rows left after filtering"),
+])
+def test_values_found_while_setting_up_a_stage_are_one_line(tiny_data_root, text_encoder_dir, tmp_path,  # noqa: F811
+                                                            capsys, flags, extra, message):
+    line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
+                                                           "--stage", "1", *flags, **extra))
+    assert line.startswith(message)

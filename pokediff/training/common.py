@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+from pokediff.config import ConfigError
 from pokediff.errors import CheckpointError, NoUsableWeightsError, PokediffError, verify_checkpoint_files, write_failure
 from pokediff.fileio import swap_into_place
 from pokediff.config import save_config
@@ -49,7 +50,7 @@ def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
     """``auto`` -> bf16 on a GPU that supports it, ``no`` on CPU; explicit values are checked."""
     allowed = ("auto", "no", "fp16", "bf16")
     if requested not in allowed:
-        raise ValueError(f"runtime.mixed_precision must be one of {allowed}, got '{requested}'")
+        raise ConfigError(f"runtime.mixed_precision must be one of {allowed}, got '{requested}'")
     if requested != "auto":
         return requested
     if on_cpu or not torch.cuda.is_available():
@@ -70,9 +71,9 @@ def build_accelerator(cfg, accelerator: Optional[Accelerator] = None) -> Acceler
         torch.backends.cudnn.allow_tf32 = True
     if accelerator is None:
         if rt.gradient_accumulation_steps < 1:
-            raise ValueError(f"runtime.gradient_accumulation_steps must be >= 1, got {rt.gradient_accumulation_steps}")
+            raise ConfigError(f"runtime.gradient_accumulation_steps must be >= 1, got {rt.gradient_accumulation_steps}")
         if rt.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"runtime.report_to must be 'tensorboard' or 'none', got '{rt.report_to}'")
+            raise ConfigError(f"runtime.report_to must be 'tensorboard' or 'none', got '{rt.report_to}'")
         folder = run_dir(cfg)
         accelerator = Accelerator(
             gradient_accumulation_steps=rt.gradient_accumulation_steps,
@@ -193,22 +194,22 @@ def wrap_dataloader_seeded(loader: torch.utils.data.DataLoader, seed: int) -> to
 def optimizer_steps(num_batches: int, epochs: int, accumulation: int, max_steps: Optional[int]) -> tuple[int, int]:
     """(updates per epoch, total updates) given per-process batches, epochs and ``runtime.max_steps``."""
     if num_batches < 1:
-        raise ValueError("the training dataloader yields no batches: the batch size is larger than the train split")
+        raise ConfigError("the training dataloader yields no batches: the batch size is larger than the train split")
     per_epoch = math.ceil(num_batches / accumulation)
     total = per_epoch * epochs
     if max_steps is not None:
         if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
         total = min(total, max_steps)
     if total < 1:
-        raise ValueError(f"nothing to train: epochs={epochs}")
+        raise ConfigError(f"nothing to train: epochs={epochs}")
     return per_epoch, total
 
 
 def one_cycle(optimizer, learning_rate: float, total_steps: int, warmup_fraction: float, num_processes: int):
     """OneCycleLR over ``total_steps`` updates; accelerate steps a prepared scheduler once per process."""
     if not 0.0 < warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
+        raise ConfigError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
     scheduler_steps = max(total_steps * num_processes, 2)
     if warmup_fraction * scheduler_steps < 2:
         # OneCycleLR divides by the warm-up length in steps minus one (ZeroDivisionError at exactly one step);
@@ -237,7 +238,7 @@ class NonFiniteGuard:
 
     def __init__(self, max_consecutive: int, accelerator: Optional[Accelerator] = None, stage: str = ""):
         if max_consecutive < 1:
-            raise ValueError(f"runtime.nan_max_consecutive must be >= 1, got {max_consecutive}")
+            raise ConfigError(f"runtime.nan_max_consecutive must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.accelerator = accelerator
         self.stage = stage
@@ -287,7 +288,7 @@ class GradExplosionDetector:
 
     def __init__(self, factor: float, window: int = 100, min_history: int = 10):
         if factor <= 1.0:
-            raise ValueError(f"runtime.grad_explosion_factor must be > 1, got {factor}")
+            raise ConfigError(f"runtime.grad_explosion_factor must be > 1, got {factor}")
         self.factor = factor
         self.min_history = min_history
         self.history: deque = deque(maxlen=window)
@@ -440,7 +441,7 @@ class CheckpointManager:
 
     def __init__(self, accelerator: Accelerator, folder, total_limit: int, ema=None, ema_model_cls=None):
         if total_limit < 1:
-            raise ValueError(f"runtime.checkpoints_total_limit must be >= 1, got {total_limit}")
+            raise ConfigError(f"runtime.checkpoints_total_limit must be >= 1, got {total_limit}")
         self.accelerator = accelerator
         self.folder = Path(folder)
         self.total_limit = total_limit

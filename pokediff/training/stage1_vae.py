@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pokediff.config import ConfigError
 from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.perceptual import load_perceptual
@@ -177,7 +178,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     splits = load_splits(cfg.data)
     for name in ("train", "val"):
         if len(splits[name]) == 0:
-            raise ValueError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
+            raise ConfigError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
     train_loader = wrap_dataloader_seeded(
         build_dataloader(cfg.data, "train", s1.batch_size, shuffle=True, drop_last=True, dataset=splits["train"]),
         rt.seed,

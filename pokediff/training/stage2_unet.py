@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pokediff.config import ConfigError
 from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.text import load_text_encoder
@@ -197,7 +198,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     """
     s2, rt = cfg.stage2, cfg.runtime
     if s2.sample_images_per_prompt < 1 or not s2.sample_prompts:
-        raise ValueError("stage2.sample_prompts must be non-empty and stage2.sample_images_per_prompt >= 1")
+        raise ConfigError("stage2.sample_prompts must be non-empty and stage2.sample_images_per_prompt >= 1")
     vae_path = Path(vae_path)
     if not (vae_path / "config.json").is_file():
         raise FileNotFoundError(
@@ -209,7 +210,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
 
     vae = SpriteVAE.from_pretrained(str(vae_path)).requires_grad_(False).eval().to(device)
     if vae.config.sample_size != cfg.data.resolution:
-        raise ValueError(
+        raise ConfigError(
             f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution is "
             f"{cfg.data.resolution}: use the same resolution as stage 1"
         )
@@ -222,7 +223,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     splits = load_splits(cfg.data)
     for name in ("train", "val"):
         if len(splits[name]) == 0:
-            raise ValueError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
+            raise ConfigError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
     train_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["train"], cfg.data, train=False),
                               cfg.data.max_text_length, device, flips=s2.cache_flips)
     val_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["val"], cfg.data, train=False),
