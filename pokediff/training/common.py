@@ -577,8 +577,13 @@ class CheckpointManager:
         except (RuntimeError, ValueError, KeyError, EOFError, OSError) as err:
             if isinstance(err, (CheckpointError, FileNotFoundError)):
                 raise
-            # e.g. a size mismatch: the checkpoint was made with another model configuration
-            raise CheckpointError(f"cannot load checkpoint {path}: {str(err).strip().splitlines()[0][:300]}") from err
+            lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+            mismatch = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                            None)
+            if mismatch:
+                raise CheckpointError(f"cannot load checkpoint {path}: it was made with another model configuration "
+                                      f"({mismatch[:300]})") from err
+            raise CheckpointError(f"cannot load checkpoint {path}: {lines[0][:300]}") from err
         if self.loaded_state is None:
             raise FileNotFoundError(f"{path} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
         logger.info("resumed from %s at step %d", path, self.loaded_state.global_step)
