@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from pokediff.errors import check_writable_file, user_errors, write_failure
 

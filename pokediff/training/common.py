@@ -28,10 +28,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-from pokediff.config import ConfigError
-from pokediff.errors import CheckpointError, NoUsableWeightsError, PokediffError, verify_checkpoint_files, write_failure
+from pokediff.config import ConfigError, save_config
+from pokediff.errors import CheckpointError, PokediffError, verify_checkpoint_files, write_failure
 from pokediff.fileio import swap_into_place
-from pokediff.config import save_config
 
 logger = logging.getLogger(__name__)
 
