@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -73,6 +74,11 @@ def write_failure(path, err: BaseException) -> OutputNotWritableError | None:
         where = err.filename or path
     elif isinstance(err, RuntimeError) and ("PytorchStreamWriter" in str(err) or "inline_container" in str(err)):
         reason = "the write failed (disk full?)"
+        where = path
+    elif type(err).__name__ == "SafetensorError" and "serializ" in str(err):
+        # safetensors' Rust writer: "Error while serializing: I/O error: No space left on device (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        reason = os.strerror(int(code.group(1))).lower() if code else "the write failed"
         where = path
     else:
         return None

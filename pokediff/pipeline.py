@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pokediff.errors import write_failure
 from pokediff.fileio import swap_into_place
 from pokediff.data import tokenize_captions
 from pokediff.models.vae import SpriteVAE
@@ -229,6 +230,11 @@ class PokeSpritePipeline(DiffusionPipeline):
             entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
             for entry in entries:
                 swap_into_place(entry, target / entry.name)
+        except Exception as err:  # noqa: BLE001 - a full disk or read-only folder is named; the rest re-raised
+            failure = write_failure(target, err)
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -384,3 +384,23 @@ def test_values_found_while_setting_up_a_stage_are_one_line(tiny_data_root, text
     line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
                                                            "--stage", "1", *flags, **extra))
     assert line.startswith(message)
+
+
+def test_write_failures_of_each_writer_are_recognised(tmp_path):
+    from safetensors import SafetensorError
+
+    from pokediff.errors import OutputNotWritableError, write_failure
+
+    target = tmp_path / "ckpt"
+    cases = [
+        (OSError(errno.ENOSPC, "No space left on device", str(target / "a.bin")), f"{target / 'a.bin'}: no space left"),
+        (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+         f"{target}: the write failed (disk full?)"),
+        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+         f"{target}: no space left on device"),
+    ]
+    for err, message in cases:
+        failure = write_failure(target, err)
+        assert isinstance(failure, OutputNotWritableError) and str(failure).startswith(f"could not write {message}")
+    assert write_failure(target, RuntimeError("size mismatch")) is None  # not a write failure: left alone
+    assert write_failure(target, OSError(errno.ENOENT, "No such file")) is None

@@ -108,7 +108,7 @@ def save_gan_checkpoint(
         swap_into_place(tmp, path)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(path, err) if isinstance(err, (OSError, RuntimeError)) else None
+        failure = write_failure(path, err) if isinstance(err, Exception) else None
         if failure is not None:
             raise failure from err
         raise

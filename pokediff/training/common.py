@@ -545,7 +545,7 @@ class CheckpointManager:
         self._pending_state = state
         try:
             acc.save_state(str(tmp))
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001 - only write failures are converted, the rest re-raised
             failure = write_failure(tmp, err)
             if failure is None:
                 raise
@@ -626,7 +626,7 @@ def atomic_save_pretrained(model, folder, **kwargs) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
         return swap_into_place(tmp, folder)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - only write failures are converted, the rest re-raised
         failure = write_failure(folder, err)
         if failure is None:
             raise
