@@ -97,6 +97,15 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
+def _why_not_writable(folder: Path) -> str:
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
 def check_writable_file(path, flag: str) -> Path:
     """Fail before any work when ``path`` cannot be created: an existing folder, or a parent that is a file
     or not writable. Missing parent folders are fine (they are created later)."""
@@ -109,7 +118,7 @@ def check_writable_file(path, flag: str) -> Path:
             if not parent.is_dir():
                 raise OutputNotWritableError(f"{flag} {path}: {parent} is a file, not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputNotWritableError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+                raise OutputNotWritableError(f"{flag} {path}: cannot write in {parent} ({_why_not_writable(parent)})")
             break
     return path
 
@@ -124,7 +133,7 @@ def check_writable_folder(path, flag: str) -> Path:
             if not folder.is_dir():
                 raise OutputNotWritableError(f"{flag} {path}: {folder} is a file, not a folder")
             if not os.access(folder, os.W_OK | os.X_OK):
-                raise OutputNotWritableError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+                raise OutputNotWritableError(f"{flag} {path}: cannot write in {folder} ({_why_not_writable(folder)})")
             break
     return path
 
