@@ -14,12 +14,11 @@ pipeline/ (a ``PokeSpritePipeline`` that ``from_pretrained`` loads).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 
 from pokediff.config import CONFIG_DIR, ConfigError, load_config
+from pokediff.errors import CheckpointError, report_user_errors
 
 logger = logging.getLogger("train_3stage")
 STAGES = ("1", "2", "3")
@@ -84,12 +83,12 @@ def build_run_config(args: argparse.Namespace):
 
 
 def _stage_of_checkpoint(path: str) -> str:
-    from pokediff.training.common import TRAINING_STATE_NAME
+    from pokediff.training.common import TRAINING_STATE_NAME, TrainingState
 
     state_file = Path(path).expanduser() / TRAINING_STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint folder ({TRAINING_STATE_NAME} missing)")
-    stage = json.loads(state_file.read_text())["stage"]  # "stage1" ...
+    stage = TrainingState.read(state_file).stage  # "stage1" ...
     return stage.removeprefix("stage")
 
 
@@ -137,7 +136,8 @@ def main(argv=None, accelerator=None) -> dict:
         # an explicit checkpoint belongs to one stage: earlier stages are done, later ones start fresh
         stage = _stage_of_checkpoint(args.resume)
         if stage not in stages:
-            raise ValueError(f"--resume {args.resume} is a stage {stage} checkpoint but --stage {args.stage} was asked")
+            raise CheckpointError(
+                f"--resume {args.resume} is a stage {stage} checkpoint but --stage {args.stage} was asked")
         stages = stages[stages.index(stage):]
         resume_for = {s: (args.resume if s == stage else None) for s in stages}
 
@@ -174,14 +174,4 @@ def main(argv=None, accelerator=None) -> dict:
 
 
 if __name__ == "__main__":
-    from pokediff.data import BadDataError
-    from pokediff.models.clip import ClipUnavailableError, DomainClipTooWeakError
-    from pokediff.training.common import NonFiniteLossError
-
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, BadDataError, ClipUnavailableError, DomainClipTooWeakError,
-            NonFiniteLossError) as err:
-        # expected failures get one clear line, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report_user_errors(main)  # a bad input or a failed write: one "error: ..." line, exit status 2

@@ -15,7 +15,11 @@ import torch
 from PIL import Image
 
 from pokediff.device import resolve_device
+from pokediff.errors import PokediffError, check_writable_file, write_failure
 from pokediff.pipeline import INFERENCE_SCHEDULERS, PokeSpritePipeline, make_inference_scheduler
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
@@ -58,6 +62,12 @@ def generate(args: argparse.Namespace) -> list[Path]:
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    last_seed = MAX_SEED - (args.num - 1)
+    if not 0 <= args.seed <= last_seed:
+        # sprite k uses seed + k, and torch seeds are unsigned 64-bit integers
+        raise ValueError(f"--seed must be in 0..{last_seed} with --num {args.num} (sprite k uses seed + k, "
+                         f"at most 2**64 - 1), got {args.seed}")
+    check_writable_file(out, "--out")  # before minutes of sampling, not after
     device = resolve_device(args.device)
     pipe = PokeSpritePipeline.from_pretrained(args.model)
     if args.scheduler is not None:
@@ -79,13 +89,18 @@ def generate(args: argparse.Namespace) -> list[Path]:
         )
         images.extend(result.images)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, image in enumerate(images):
-        path = out.with_name(f"{out.stem}_{k:03d}.png")
-        image.save(path)
-        written.append(path)
-    image_grid(images, cols=args.num if len(args.prompts) > 1 else None).save(out)
+    path = out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(images):
+            path = out.with_name(f"{out.stem}_{k:03d}.png")
+            image.save(path)
+            written.append(path)
+        path = out
+        image_grid(images, cols=args.num if len(args.prompts) > 1 else None).save(out)
+    except OSError as err:
+        raise write_failure(path, err) or err
     written.append(out)
     return written
 
@@ -94,7 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         written = generate(args)
-    except (OSError, ValueError) as err:  # OSError: missing folder/file, or a hub id that cannot be fetched
+    except (PokediffError, OSError, ValueError) as err:  # OSError: missing folder/file, or a hub id not fetched
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(written) - 1} sprites and the grid {written[-1]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pokediff.errors import write_failure
 from pokediff.fileio import swap_into_place
 from pokediff.data import tokenize_captions
 from pokediff.models.vae import SpriteVAE
@@ -228,6 +230,11 @@ class PokeSpritePipeline(DiffusionPipeline):
             entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
             for entry in entries:
                 swap_into_place(entry, target / entry.name)
+        except Exception as err:  # noqa: BLE001 - a full disk or read-only folder is named; the rest re-raised
+            failure = write_failure(target, err)
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -299,9 +306,11 @@ class PokeSpritePipeline(DiffusionPipeline):
                 )
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 1:
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not guidance_scale >= 1 or math.isinf(guidance_scale):
+            # `not >= 1` also refuses NaN, which would otherwise switch guidance off without a word
             raise ValueError(
-                f"`guidance_scale` must be a number >= 1 (1 = no classifier-free guidance), got {guidance_scale!r}"
+                f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), "
+                f"got {guidance_scale!r}"
             )
         n = num_images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

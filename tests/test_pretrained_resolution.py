@@ -67,3 +67,64 @@ def test_stlpips_distance_behaves_like_a_metric(monkeypatch, tmp_path):
     y = x.clone().requires_grad_(True)
     loss(y, noisy).sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0  # usable as a training loss
+
+
+# Run in a fresh interpreter whose import system cannot see IPython or torchsummary (whether or not the venv has
+# them): ST-LPIPS is built twice, gives a finite distance, and leaves sys.modules as find_spec expects it.
+_WITHOUT_IPYTHON = r"""
+import importlib.abc, importlib.machinery, importlib.util, sys
+
+HIDDEN = ("IPython", "torchsummary")
+MODE = sys.argv[1]
+
+def hidden(name):
+    return name.split(".")[0] in HIDDEN
+
+if MODE == "absent":  # the path finder never finds them: find_spec returns None, as when not installed
+    class PathFinderWithout(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            return None if hidden(name) else super().find_spec(name, path, target)
+    sys.meta_path[:] = [PathFinderWithout if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+else:  # a finder in front refuses them outright
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if hidden(name):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+    sys.meta_path.insert(0, Refuse())
+
+for name in [n for n in sys.modules if n.split(".")[0] in HIDDEN]:
+    del sys.modules[name]
+import torch
+from pokediff.models.perceptual import PerceptualLoss
+
+x, y = torch.zeros(2, 3, 32, 32), torch.rand(2, 3, 32, 32) * 2 - 1
+for _ in range(2):
+    loss = PerceptualLoss(backend="stlpips")
+    d = loss(x, y)
+    assert d.shape == (2,) and torch.isfinite(d).all() and (d > 0).all(), d
+    assert float(loss(x, x).abs().max()) < 1e-6
+for name in HIDDEN:
+    assert name not in sys.modules, name
+    try:
+        assert importlib.util.find_spec(name) is None, name  # absent, not "IPython.__spec__ is None"
+    except ModuleNotFoundError:
+        assert MODE == "refused"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["absent", "refused"])
+def test_stlpips_builds_twice_without_ipython_or_torchsummary(mode):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_IPYTHON, mode], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import REPO_ROOT
+from pokediff.errors import PokediffError
+
+from ..config import REPO_ROOT, ConfigError
 from .captions import caption_variants
 from .constants import primary_type_id
 from .transforms import SpriteTransform
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class BadDataError(ValueError):
+class BadDataError(PokediffError, ValueError):
     """A dataset row whose image cannot be read or whose caption is missing."""
 
 
@@ -122,20 +124,20 @@ def load_sprite_dataset(data_cfg, return_problems: bool = False):
     ds = _load_raw(data_cfg)
     for column in (data_cfg.image_column, data_cfg.caption_column):
         if column not in ds.column_names:
-            raise ValueError(f"column '{column}' not in dataset; columns are {ds.column_names}")
+            raise ConfigError(f"column '{column}' not in dataset; columns are {ds.column_names}")
     ds = ds.cast_column(data_cfg.image_column, datasets.Image(decode=False))
     if data_cfg.filter_types:
         if "types" not in ds.column_names:
-            raise ValueError("data.filter_types needs a 'types' column, which this dataset lacks")
+            raise ConfigError("data.filter_types needs a 'types' column, which this dataset lacks")
         wanted = {t.lower() for t in data_cfg.filter_types}
         ds = ds.filter(lambda t: bool(wanted & set((t or "").lower().split("|"))), input_columns="types")
     if data_cfg.filter_generations:
         if "generation" not in ds.column_names:
-            raise ValueError("data.filter_generations needs a 'generation' column, which this dataset lacks")
+            raise ConfigError("data.filter_generations needs a 'generation' column, which this dataset lacks")
         gens = {int(g) for g in data_cfg.filter_generations}
         ds = ds.filter(lambda g: g in gens, input_columns="generation")
     if len(ds) == 0:
-        raise ValueError("no rows left after filtering: check data.filter_types / data.filter_generations")
+        raise ConfigError("no rows left after filtering: check data.filter_types / data.filter_generations")
     ds, problems = _validate(ds, data_cfg)
     return (ds, problems) if return_problems else ds
 
@@ -152,7 +154,7 @@ def _row_key(entry, caption) -> str:
 def split_assignment(keys, seed: int, fractions) -> list[str]:
     """Each key's split from a seeded hash: independent of the other rows."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ValueError(f"data.split_fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1, got {fractions}")
     bounds = (fractions[0], fractions[0] + fractions[1])
     out = []
     for key in keys:
@@ -230,7 +232,7 @@ def build_dataloader(data_cfg, split: str, batch_size: int, shuffle: bool | None
     if dataset is None:
         dataset = load_splits(data_cfg)[split]
     if len(dataset) == 0:
-        raise ValueError(f"the '{split}' split is empty")
+        raise ConfigError(f"the '{split}' split is empty")
     train = split == "train"
     sprites = SpriteDataset(dataset, data_cfg, train=train)
     return DataLoader(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 
+from pokediff.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -13,10 +15,10 @@ def tokenize_captions(tokenizer, captions, max_length: int):
     if isinstance(captions, str):
         captions = [captions]
     if max_length < 2:
-        raise ValueError(f"max_text_length must be at least 2 tokens, got {max_length}")
+        raise ConfigError(f"max_text_length must be at least 2 tokens, got {max_length}")
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < 100_000 and max_length > model_max:
-        raise ValueError(f"max_text_length {max_length} exceeds the tokenizer's limit of {model_max} tokens")
+        raise ConfigError(f"max_text_length {max_length} exceeds the tokenizer's limit of {model_max} tokens")
     full = tokenizer(list(captions), padding=False, truncation=False)["input_ids"]
     cut = sum(len(ids) > max_length for ids in full)
     if cut:
@@ -27,6 +29,6 @@ def tokenize_captions(tokenizer, captions, max_length: int):
 def drop_captions(captions, p: float, generator: random.Random | None = None) -> list[str]:
     """Replace each caption by "" with probability ``p`` (the unconditional prompt)."""
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"caption_dropout must be in [0, 1], got {p}")
+        raise ConfigError(f"caption_dropout must be in [0, 1], got {p}")
     rng = generator or random
     return ["" if rng.random() < p else c for c in captions]

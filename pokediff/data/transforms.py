@@ -8,6 +8,20 @@ from PIL import Image
 from torchvision.transforms import v2
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale ("I;16", "I") scaled to 8-bit "L"; other modes unchanged.
+
+    PIL's ``convert("RGB")`` clips such images at 255 instead of scaling them, so a 16-bit sprite would come
+    out almost white.
+    """
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or array.max(initial=0) > 255:  # "I" from a 16-bit PNG holds 0..65535
+        array = array / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+
+
 def composite_on_background(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
     """RGB image with any transparency blended onto ``background``.
 
@@ -15,6 +29,7 @@ def composite_on_background(image: Image.Image, background=(255, 255, 255)) -> I
     happen to hold (often black): the sprite's background must be the configured colour instead.
     """
     background = tuple(int(c) for c in background)
+    image = to_8bit(image)
     if image.mode in ("P", "LA", "L") and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "LA":
@@ -92,6 +107,7 @@ class SpriteTransform:
         return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_8bit(image)
         if self.trim:
             image = trim_to_alpha(image)
         if image.mode not in ("RGBA", "RGB"):

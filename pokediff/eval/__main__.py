@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from pokediff.errors import check_writable_file, user_errors, write_failure
 
 from .inception import FEATURE_NETS
 from .runner import CLIP_CHOICES, EvalSettings, evaluate, save_grid, write_result
@@ -67,6 +68,9 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
     ``feature_net`` / ``perceptual`` / ``clip_scorer`` replace the default networks (tests inject tiny ones).
     """
     args = build_parser().parse_args(argv)
+    # the outputs are checked before the evaluation, which can take many minutes
+    output_path = check_writable_file(args.output, "--output")
+    grid_path = check_writable_file(args.grid, "--grid") if args.grid else output_path.with_suffix(".png")
     settings = EvalSettings(
         split=args.split, num=args.num, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
         guidance=args.guidance, use_ema=not args.no_ema, kid_subsets=args.kid_subsets,
@@ -80,10 +84,12 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
     result, grid = evaluate(args.model, settings, data_overrides=overrides, device=args.device,
                             feature_net=feature_net, perceptual=perceptual, clip_scorer=clip_scorer,
                             progress=not args.quiet)
-    output = write_result(result, args.output)
-    grid_path = Path(args.grid) if args.grid else output.with_suffix(".png")
-    if len(grid):
-        save_grid(grid, grid_path)
+    try:
+        output = write_result(result, output_path)
+        if len(grid):
+            save_grid(grid, grid_path)
+    except OSError as err:
+        raise write_failure(output_path, err) or err
     print(json.dumps({"output": str(output), "grid": str(grid_path), **result["metrics"]}, indent=2))
     return result
 
@@ -92,7 +98,7 @@ def cli(argv=None) -> int:
     """Console entry point: errors from bad input print one line and exit with status 2."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, *user_errors()) as err:  # EvalSettings and the runner check values with ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

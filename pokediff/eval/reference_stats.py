@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader
 from pokediff.data import SpriteDataset, collate_sprites
 
 from .fid import extract_features
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "POKEDIFF_CACHE_DIR"
 
@@ -108,9 +111,13 @@ def reference_features(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache_dir / f"reference-{split_name}-{key}.safetensors"
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            features = f.get_tensor("features")
-        if features.shape[0] == len(hf_split):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                features = f.get_tensor("features")
+        except (SafetensorError, OSError) as err:  # truncated or overwritten: a cache, so rebuild it
+            logger.warning("feature cache %s is unreadable (%s): computing the features again", path, err)
+            features = None
+        if features is not None and features.shape[0] == len(hf_split):
             return ReferenceFeatures(features.double(), key, path, cached=True)
     features = extract_features(
         real_image_batches(hf_split, data_cfg, batch_size), feature_net, device=device,

@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pokediff.errors import CheckpointError, write_failure
 from pokediff.fileio import swap_into_place
 
 MARKER = "gan_checkpoint.json"
@@ -104,8 +106,11 @@ def save_gan_checkpoint(
         }
         (tmp / MARKER).write_text(json.dumps(document, indent=2))
         swap_into_place(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(path, err) if isinstance(err, Exception) else None
+        if failure is not None:
+            raise failure from err
         raise
     return path
 
@@ -151,7 +156,12 @@ def is_gan_checkpoint(path) -> bool:
 
 def read_meta(path) -> dict:
     path = resolve_checkpoint(path)
-    meta = json.loads((path / MARKER).read_text())
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint file {path / MARKER} is damaged: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint file {path / MARKER} is damaged: not a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path / MARKER} is not a pokediff GAN checkpoint (format={meta.get('format')!r})")
     if meta.get("version", 0) > VERSION:
@@ -163,7 +173,10 @@ def load_tensors(path, name: str, device="cpu") -> dict:
     file = resolve_checkpoint(path) / f"{name}.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {file}")
-    return load_file(str(file), device=str(device))
+    try:
+        return load_file(str(file), device=str(device))
+    except SafetensorError as err:
+        raise CheckpointError(f"checkpoint file {file} is damaged: {err}") from err
 
 
 def load_generator(path, use_ema: bool = True, device="cpu"):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pokediff.data import TYPE_NAMES
 from pokediff.device import resolve_device
+from pokediff.errors import check_writable_folder, report_user_errors, write_failure
 from pokediff.gan.checkpoint import load_generator, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -107,18 +108,26 @@ def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        device = resolve_device(args.device)
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        images = sample_from_checkpoint(
-            checkpoint, args.num, seed=args.seed, type_name=args.type_name, use_ema=not args.no_ema, device=device,
-            batch_size=args.batch_size,
-        )
-    except (FileNotFoundError, ValueError) as err:
+        return report_user_errors(_generate, args)
+    except ValueError as err:  # bad --num / --type / --device values
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _generate(args) -> Path:
+    device = resolve_device(args.device)
+    checkpoint = resolve_checkpoint(args.checkpoint)
     suffix = f"-{args.type_name}" if args.type_name else ""
     output = Path(args.output) if args.output else checkpoint / f"samples-seed{args.seed}{suffix}"
-    save_images(images, output)
+    check_writable_folder(output, "--output")  # before sampling
+    images = sample_from_checkpoint(
+        checkpoint, args.num, seed=args.seed, type_name=args.type_name, use_ema=not args.no_ema, device=device,
+        batch_size=args.batch_size,
+    )
+    try:
+        save_images(images, output)
+    except OSError as err:
+        raise write_failure(output, err) or err
     print(f"wrote {len(images)} images to {output}")
     return output
 

@@ -11,8 +11,8 @@ import argparse
 import copy
 import csv
 import logging
+import math
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +26,7 @@ from pokediff.data import TYPE_NAMES, build_dataloader, load_splits, load_sprite
 from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_meta, resolve_checkpoint
 from pokediff.gan.config import MODEL_NAMES, GanConfig, default_config_path, load_gan_config, validate_gan_config
 from pokediff.device import resolve_device
+from pokediff.errors import report_user_errors, write_failure
 from pokediff.gan.trainer import GanTrainer
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,11 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
             f"{run_dir} already holds checkpoints of an earlier run: continue it with --resume {run_dir}, "
             "or pick another runtime.experiment_name / --output-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        raise write_failure(run_dir, err) or err
     t, rt = cfg.train, cfg.runtime
 
     if resume is not None:
@@ -283,7 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_flag_values(args) -> None:
+    """Refuse flag values that would train nothing or train wrongly, before any work."""
+    for flag, value in (("--lr", args.lr), ("--lr-g", args.lr_g), ("--lr-d", args.lr_d)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1 (generator steps in total), got {args.max_steps}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise ConfigError(f"--max-minutes must be a finite number > 0, got {args.max_minutes}")
+    if args.pretrain_steps is not None and args.pretrain_steps < 0:
+        raise ConfigError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+
+
 def _flag_overrides(args) -> dict:
+    _check_flag_values(args)
     flags = {
         "train.lr_g": args.lr_g if args.lr_g is not None else args.lr,
         "train.lr_d": args.lr_d if args.lr_d is not None else args.lr,
@@ -351,16 +369,12 @@ def config_from_args(args) -> tuple[GanConfig, Path | None, Path | None]:
 def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, checkpoint, run_dir = config_from_args(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        return train(cfg, resume=checkpoint, run_dir=run_dir)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return report_user_errors(_configure_and_train, args)
+
+
+def _configure_and_train(args) -> Path:
+    cfg, checkpoint, run_dir = config_from_args(args)
+    return train(cfg, resume=checkpoint, run_dir=run_dir)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from tqdm.auto import tqdm
 
+from pokediff.errors import PokediffError
+
 logger = logging.getLogger(__name__)
 
 DOMAIN_CLIP_DIRNAME = "domain_clip"
@@ -32,11 +34,11 @@ CLIP_SOURCES = ("auto", "pretrained", "domain")
 IMAGE_BACKBONES = ("alex", "vgg")
 
 
-class ClipUnavailableError(RuntimeError):
+class ClipUnavailableError(PokediffError, RuntimeError):
     """Neither the requested pretrained open_clip weights nor a domain CLIP can be loaded."""
 
 
-class DomainClipTooWeakError(RuntimeError):
+class DomainClipTooWeakError(PokediffError, RuntimeError):
     """The fitted domain CLIP does not retrieve val captions clearly better than chance."""
 
 

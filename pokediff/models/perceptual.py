@@ -31,6 +31,14 @@ def lpips_backbone_available(net: str = "alex") -> bool:
     return importlib.util.find_spec("lpips") is not None and _torchvision_backbone_file(net).is_file()
 
 
+def _importable(name: str) -> bool:
+    """Whether ``import name`` would find a module; a finder that refuses the name (ImportError) means no."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without __spec__
+        return False
+
+
 def _import_stlpips():
     """Import ``stlpips_pytorch.stlpips`` whether or not IPython / torchsummary are installed.
 
@@ -40,7 +48,7 @@ def _import_stlpips():
     """
     stubbed = []
     for name in ("IPython", "torchsummary"):
-        if name in sys.modules or importlib.util.find_spec(name) is not None:
+        if name in sys.modules or _importable(name):
             continue
         stub = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, loader=None))
         stub.embed = stub.summary = lambda *a, **k: None

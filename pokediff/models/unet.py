@@ -9,21 +9,23 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel
 
+from pokediff.config import ConfigError
+
 
 def build_unet(unet_cfg, latent_channels: int, latent_size: int, text_dim: int) -> UNet2DConditionModel:
     """A fresh U-Net from ``pokediff.config.UNetConfig``; ``text_dim`` is the text encoder's hidden size."""
     down, up = list(unet_cfg.down_block_types), list(unet_cfg.up_block_types)
     channels = list(unet_cfg.block_out_channels)
     if not (len(down) == len(up) == len(channels)):
-        raise ValueError(
+        raise ConfigError(
             f"unet: down_block_types ({len(down)}), up_block_types ({len(up)}) and block_out_channels "
             f"({len(channels)}) must have the same length"
         )
     if not any("CrossAttn" in b for b in down + up):
-        raise ValueError("unet: no CrossAttn block in down_block_types/up_block_types; the text would be ignored")
+        raise ConfigError("unet: no CrossAttn block in down_block_types/up_block_types; the text would be ignored")
     for ch in channels:
         if ch % unet_cfg.norm_num_groups:
-            raise ValueError(
+            raise ConfigError(
                 f"unet: block_out_channels {channels} must all be divisible by "
                 f"norm_num_groups={unet_cfg.norm_num_groups}"
             )

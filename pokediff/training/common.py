@@ -28,8 +28,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+from pokediff.config import ConfigError, save_config
+from pokediff.errors import CheckpointError, PokediffError, verify_checkpoint_files, write_failure
 from pokediff.fileio import swap_into_place
-from pokediff.config import save_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
     """``auto`` -> bf16 on a GPU that supports it, ``no`` on CPU; explicit values are checked."""
     allowed = ("auto", "no", "fp16", "bf16")
     if requested not in allowed:
-        raise ValueError(f"runtime.mixed_precision must be one of {allowed}, got '{requested}'")
+        raise ConfigError(f"runtime.mixed_precision must be one of {allowed}, got '{requested}'")
     if requested != "auto":
         return requested
     if on_cpu or not torch.cuda.is_available():
@@ -71,9 +72,9 @@ def build_accelerator(cfg, accelerator: Optional[Accelerator] = None) -> Acceler
         torch.backends.cudnn.allow_tf32 = True
     if accelerator is None:
         if rt.gradient_accumulation_steps < 1:
-            raise ValueError(f"runtime.gradient_accumulation_steps must be >= 1, got {rt.gradient_accumulation_steps}")
+            raise ConfigError(f"runtime.gradient_accumulation_steps must be >= 1, got {rt.gradient_accumulation_steps}")
         if rt.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"runtime.report_to must be 'tensorboard' or 'none', got '{rt.report_to}'")
+            raise ConfigError(f"runtime.report_to must be 'tensorboard' or 'none', got '{rt.report_to}'")
         folder = run_dir(cfg)
         accelerator = Accelerator(
             gradient_accumulation_steps=rt.gradient_accumulation_steps,
@@ -111,9 +112,12 @@ def start_stage(accelerator: Accelerator, cfg, stage: str) -> Path:
     """Create the run folder, save the resolved config, start this stage's trackers (``logs/<stage>``)."""
     folder = run_dir(cfg)
     if accelerator.is_main_process:
-        for sub in ("samples", "checkpoints", "logs"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, folder / "config.yaml")
+        try:
+            for sub in ("samples", "checkpoints", "logs"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, folder / "config.yaml")
+        except OSError as err:
+            raise write_failure(folder, err) or err
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.init_trackers(stage, config=_flat_hparams(cfg))
@@ -191,32 +195,39 @@ def wrap_dataloader_seeded(loader: torch.utils.data.DataLoader, seed: int) -> to
 def optimizer_steps(num_batches: int, epochs: int, accumulation: int, max_steps: Optional[int]) -> tuple[int, int]:
     """(updates per epoch, total updates) given per-process batches, epochs and ``runtime.max_steps``."""
     if num_batches < 1:
-        raise ValueError("the training dataloader yields no batches: the batch size is larger than the train split")
+        raise ConfigError("the training dataloader yields no batches: the batch size is larger than the train split")
     per_epoch = math.ceil(num_batches / accumulation)
     total = per_epoch * epochs
     if max_steps is not None:
         if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
         total = min(total, max_steps)
     if total < 1:
-        raise ValueError(f"nothing to train: epochs={epochs}")
+        raise ConfigError(f"nothing to train: epochs={epochs}")
     return per_epoch, total
 
 
 def one_cycle(optimizer, learning_rate: float, total_steps: int, warmup_fraction: float, num_processes: int):
     """OneCycleLR over ``total_steps`` updates; accelerate steps a prepared scheduler once per process."""
     if not 0.0 < warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
+        raise ConfigError(f"warmup_fraction must be in (0, 1), got {warmup_fraction}")
+    scheduler_steps = max(total_steps * num_processes, 2)
+    if warmup_fraction * scheduler_steps < 2:
+        # OneCycleLR divides by the warm-up length in steps minus one (ZeroDivisionError at exactly one step);
+        # a run this short (--max-steps) has no room for a warm-up: start at the peak and anneal.
+        logger.warning("only %d steps: too few for a warm-up of %.0f%%, the learning rate starts at its peak",
+                       total_steps, 100 * warmup_fraction)
+        warmup_fraction = 0.5 / scheduler_steps
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=learning_rate,
-        total_steps=max(total_steps * num_processes, 2),
+        total_steps=scheduler_steps,
         pct_start=warmup_fraction,
     )
 
 
 # ------------------------------------------------------------------------------ stability guards
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PokediffError, RuntimeError):
     """Raised after ``runtime.nan_max_consecutive`` non-finite batches in a row."""
 
 
@@ -228,7 +239,7 @@ class NonFiniteGuard:
 
     def __init__(self, max_consecutive: int, accelerator: Optional[Accelerator] = None, stage: str = ""):
         if max_consecutive < 1:
-            raise ValueError(f"runtime.nan_max_consecutive must be >= 1, got {max_consecutive}")
+            raise ConfigError(f"runtime.nan_max_consecutive must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.accelerator = accelerator
         self.stage = stage
@@ -278,7 +289,7 @@ class GradExplosionDetector:
 
     def __init__(self, factor: float, window: int = 100, min_history: int = 10):
         if factor <= 1.0:
-            raise ValueError(f"runtime.grad_explosion_factor must be > 1, got {factor}")
+            raise ConfigError(f"runtime.grad_explosion_factor must be > 1, got {factor}")
         self.factor = factor
         self.min_history = min_history
         self.history: deque = deque(maxlen=window)
@@ -410,6 +421,15 @@ class TrainingState:
             data["best_val_loss"] = float("inf")
         return cls(**data)
 
+    @classmethod
+    def read(cls, path) -> "TrainingState":
+        """The state saved in ``path`` (a training_state.json); ``CheckpointError`` naming it if garbled."""
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except (ValueError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"checkpoint file {path} is damaged: {err}") from err
+
 
 class CheckpointManager:
     """Atomic ``accelerator.save_state`` checkpoints in ``<run>/checkpoints/<stage>/checkpoint-<step>``.
@@ -422,7 +442,7 @@ class CheckpointManager:
 
     def __init__(self, accelerator: Accelerator, folder, total_limit: int, ema=None, ema_model_cls=None):
         if total_limit < 1:
-            raise ValueError(f"runtime.checkpoints_total_limit must be >= 1, got {total_limit}")
+            raise ConfigError(f"runtime.checkpoints_total_limit must be >= 1, got {total_limit}")
         self.accelerator = accelerator
         self.folder = Path(folder)
         self.total_limit = total_limit
@@ -449,7 +469,7 @@ class CheckpointManager:
         state_file = Path(input_dir, TRAINING_STATE_NAME)
         if not state_file.is_file():
             raise FileNotFoundError(f"{input_dir} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
-        self.loaded_state = TrainingState.from_json(state_file.read_text())
+        self.loaded_state = TrainingState.read(state_file)
         if self.ema is not None:
             ema_dir = Path(input_dir, EMA_DIR_NAME)
             if not ema_dir.is_dir():
@@ -478,19 +498,38 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """``None`` -> no resume; ``latest`` -> newest complete checkpoint or None; else a folder that must exist."""
+        """``None`` -> no resume; ``latest`` -> newest intact checkpoint or None; else a folder that must exist
+        and be intact.
+
+        A damaged newest checkpoint (truncated weights, garbled JSON) is passed over for the one before it, with
+        a warning naming the damaged file; ``CheckpointError`` if checkpoints exist but none is intact.
+        """
         if resume is None:
             return None
         if resume == "latest":
-            latest = self.latest()
-            if latest is None:
+            found = self.checkpoints()
+            if not found:
                 logger.info("no checkpoint to resume from in %s: starting fresh", self.folder)
-            return latest
+                return None
+            damaged = []
+            for path in reversed(found):
+                try:
+                    verify_checkpoint_files(path)
+                    TrainingState.read(path / TRAINING_STATE_NAME)
+                except (CheckpointError, FileNotFoundError) as err:
+                    damaged.append(str(err))
+                    logger.warning("--resume latest: %s; trying the checkpoint before it", err)
+                    continue
+                if damaged:
+                    logger.warning("--resume latest: falling back to %s, the newest intact checkpoint", path)
+                return path
+            raise CheckpointError(f"--resume latest: no intact checkpoint in {self.folder}: " + "; ".join(damaged))
         path = Path(resume).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume: checkpoint folder not found: {path}")
         if not (path / TRAINING_STATE_NAME).is_file():
             raise FileNotFoundError(f"--resume: {path} is not a pokediff checkpoint ({TRAINING_STATE_NAME} missing)")
+        verify_checkpoint_files(path)
         return path
 
     # ------------------------------------------------------------------ save / load
@@ -508,11 +547,23 @@ class CheckpointManager:
         self._pending_state = state
         try:
             acc.save_state(str(tmp))
+        except Exception as err:  # noqa: BLE001 - only write failures are converted, the rest re-raised
+            failure = write_failure(tmp, err)
+            if failure is None:
+                raise
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would only take more space
+            previous = self.latest()
+            keep = f"; the last complete checkpoint {previous} is intact" if previous else ""
+            raise type(failure)(f"{failure}{keep}") from err
         finally:
             self._pending_state = None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            swap_into_place(tmp, final)  # the same step may be saved twice (final save after a periodic one)
+            try:
+                swap_into_place(tmp, final)  # the same step may be saved twice (final save after a periodic one)
+            except OSError as err:
+                raise write_failure(final, err) or err
             for stale in self.checkpoints()[: -self.total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
             logger.info("saved checkpoint %s", final)
@@ -522,7 +573,18 @@ class CheckpointManager:
     def load(self, path) -> TrainingState:
         """Restore models, optimizer, scheduler, RNG, EMA from ``path``; returns the saved position."""
         self.loaded_state = None
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError, EOFError, OSError) as err:
+            if isinstance(err, (CheckpointError, FileNotFoundError)):
+                raise
+            lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+            mismatch = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                            None)
+            if mismatch:
+                raise CheckpointError(f"cannot load checkpoint {path}: it was made with another model configuration "
+                                      f"({mismatch[:300]})") from err
+            raise CheckpointError(f"cannot load checkpoint {path}: {lines[0][:300]}") from err
         if self.loaded_state is None:
             raise FileNotFoundError(f"{path} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
         logger.info("resumed from %s at step %d", path, self.loaded_state.global_step)
@@ -536,10 +598,12 @@ def resume_or_start(accelerator, checkpoints: CheckpointManager, resume_from: Op
     if resume_from is None:
         return TrainingState(stage=stage, total_steps=total_steps)
     state = checkpoints.load(resume_from)
+    if state.stage != stage:
+        raise CheckpointError(f"--resume: {resume_from} is a {state.stage} checkpoint, not a {stage} one")
     if state.total_steps != total_steps:
-        raise ValueError(
-            f"checkpoint {resume_from} was made for {state.total_steps} steps, this config gives {total_steps}: "
-            f"resume with the same {stage} / runtime settings"
+        raise CheckpointError(
+            f"--resume: checkpoint {resume_from} was made for a {state.total_steps}-step {stage}, this run gives "
+            f"{total_steps} steps: resume with the same --max-steps / {stage}.epochs / batch size as that run"
         )
     guard.load_state_dict(state.extra.get("guard", {}))
     detector.load_state_dict(state.extra.get("detector", {}))
@@ -558,11 +622,18 @@ def save_training_checkpoint(checkpoints: CheckpointManager, state: TrainingStat
 def atomic_save_pretrained(model, folder, **kwargs) -> Path:
     """``model.save_pretrained`` into a temp folder beside ``folder``, then swap it in (main process only)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
-    return swap_into_place(tmp, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        return swap_into_place(tmp, folder)
+    except Exception as err:  # noqa: BLE001 - only write failures are converted, the rest re-raised
+        failure = write_failure(folder, err)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failure from err
 
 
 # ----------------------------------------------------------------------------------------- logging

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pokediff.config import ConfigError
+from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.perceptual import load_perceptual
 from pokediff.models.vae import SpriteVAE, build_vae
@@ -183,7 +185,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     splits = load_splits(cfg.data)
     for name in ("train", "val"):
         if len(splits[name]) == 0:
-            raise ValueError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
+            raise ConfigError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
     train_loader = wrap_dataloader_seeded(
         build_dataloader(cfg.data, "train", s1.batch_size, shuffle=True, drop_last=True, dataset=splits["train"]),
         rt.seed,
@@ -206,7 +208,8 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         one_cycle(optimizer, s1.learning_rate, total_steps, s1.warmup_fraction, accelerator.num_processes)
     )
 
-    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
     detector = GradExplosionDetector(rt.grad_explosion_factor)
     stepper = OptimizerStepper(accelerator, module, optimizer, lr_scheduler, s1.grad_clip, guard, detector)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
@@ -270,6 +273,11 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     progress.close()
     if not vae_dir.is_dir():  # resumed from a final checkpoint whose best weights were lost
         validate_and_keep_best()
+    if not vae_dir.is_dir():
+        raise NoUsableWeightsError(
+            f"stage 1 ended without usable weights: every validation loss was NaN/inf, so {vae_dir} was never "
+            "written; lower stage1.learning_rate or check the data, then train stage 1 again"
+        )
     save_checkpoint()  # final
 
     # The scaling factor is a property of the best weights, computed once on clean (un-augmented) train images.

@@ -8,6 +8,7 @@ as its posterior mean and std, and every caption as its embedding. Each step dra
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pokediff.config import ConfigError
+from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.text import load_text_encoder
 from pokediff.models.unet import build_unet
@@ -226,7 +229,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     """
     s2, rt = cfg.stage2, cfg.runtime
     if s2.sample_images_per_prompt < 1 or not s2.sample_prompts:
-        raise ValueError("stage2.sample_prompts must be non-empty and stage2.sample_images_per_prompt >= 1")
+        raise ConfigError("stage2.sample_prompts must be non-empty and stage2.sample_images_per_prompt >= 1")
     vae_path = Path(vae_path)
     if not (vae_path / "config.json").is_file():
         raise FileNotFoundError(
@@ -238,7 +241,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
 
     vae = SpriteVAE.from_pretrained(str(vae_path)).requires_grad_(False).eval().to(device)
     if vae.config.sample_size != cfg.data.resolution:
-        raise ValueError(
+        raise ConfigError(
             f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution is "
             f"{cfg.data.resolution}: use the same resolution as stage 1"
         )
@@ -251,7 +254,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     splits = load_splits(cfg.data)
     for name in ("train", "val"):
         if len(splits[name]) == 0:
-            raise ValueError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
+            raise ConfigError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
     train_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["train"], cfg.data, train=False),
                               cfg.data.max_text_length, device, flips=s2.cache_flips, variants=True)
     val_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["val"], cfg.data, train=False),
@@ -277,7 +280,8 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         one_cycle(optimizer, s2.learning_rate, total_steps, s2.warmup_fraction, accelerator.num_processes)
     )
 
-    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
     detector = GradExplosionDetector(rt.grad_explosion_factor)
     stepper = OptimizerStepper(accelerator, unet, optimizer, lr_scheduler, s2.grad_clip, guard, detector, ema=ema)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit,
@@ -356,6 +360,11 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     progress.close()
+    if not math.isfinite(state.best_val_loss):
+        raise NoUsableWeightsError(
+            f"stage 2 ended without usable weights: every validation loss was NaN/inf, so {folder / 'unet'} was "
+            "not written; lower stage2.learning_rate or check the VAE, then train stage 2 again"
+        )
     save_checkpoint()  # final
 
     unet_dir = folder / "unet"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from pokediff.config import ConfigError
+from pokediff.errors import NoUsableWeightsError
 from pokediff.fileio import swap_into_place
 from pokediff.data import SpriteDataset, load_splits, tokenize_captions
 from pokediff.models.clip import (
@@ -116,7 +119,7 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
     clip_cfg, device = cfg.clip, accelerator.device
     source = clip_cfg.source
     if source not in ("auto", "pretrained", "domain"):
-        raise ValueError(f"clip.source must be auto | pretrained | domain, got '{source}'")
+        raise ConfigError(f"clip.source must be auto | pretrained | domain, got '{source}'")
     if source in ("auto", "pretrained"):
         try:
             model, tokenizer = load_pretrained_clip(clip_cfg.model, clip_cfg.pretrained, device)
@@ -217,11 +220,11 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     vae_path = check_stage_weights(vae_path, "stage-1 VAE", "--vae-checkpoint")
     unet_path = check_stage_weights(unet_path, "stage-2 U-Net", "--diffusion-checkpoint")
     if not 0.0 < s3.clip_max_timestep_fraction <= 1.0:
-        raise ValueError(f"stage3.clip_max_timestep_fraction must be in (0, 1], got {s3.clip_max_timestep_fraction}")
+        raise ConfigError(f"stage3.clip_max_timestep_fraction must be in (0, 1], got {s3.clip_max_timestep_fraction}")
     if min(s3.clip_weight, s3.denoise_weight, s3.anchor_weight) < 0 or s3.clip_weight + s3.denoise_weight == 0:
-        raise ValueError("stage3 loss weights must be >= 0, with clip_weight or denoise_weight > 0")
+        raise ConfigError("stage3 loss weights must be >= 0, with clip_weight or denoise_weight > 0")
     if s3.eval_num_prompts < 1:
-        raise ValueError(f"stage3.eval_num_prompts must be >= 1, got {s3.eval_num_prompts}")
+        raise ConfigError(f"stage3.eval_num_prompts must be >= 1, got {s3.eval_num_prompts}")
 
     accelerator = build_accelerator(cfg, accelerator)
     folder = start_stage(accelerator, cfg, STAGE)
@@ -230,11 +233,11 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     vae = SpriteVAE.from_pretrained(str(vae_path)).requires_grad_(False).eval().to(device)
     unet = UNet2DConditionModel.from_pretrained(str(unet_path)).requires_grad_(False).eval().to(device)
     if vae.config.sample_size != cfg.data.resolution:
-        raise ValueError(f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
+        raise ConfigError(f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
                          f"is {cfg.data.resolution}: use the same resolution as stages 1-2")
     tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
     if unet.config.encoder_hid_dim not in (None, text_encoder.config.hidden_size):
-        raise ValueError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
+        raise ConfigError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
                          f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder")
     text_encoder.to(device).eval()
     scale = vae.scale_latents
@@ -243,7 +246,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     splits = load_splits(cfg.data)
     for name in ("train", "val"):
         if len(splits[name]) == 0:
-            raise ValueError(f"stage 3 needs a non-empty '{name}' split; check data.split_fractions / filters")
+            raise ConfigError(f"stage 3 needs a non-empty '{name}' split; check data.split_fractions / filters")
 
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     resume_from = checkpoints.resolve(resume)
@@ -285,7 +288,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
                                                      accelerator.gradient_accumulation_steps, rt.max_steps)
     lr_scheduler = accelerator.prepare(
         one_cycle(optimizer, s3.learning_rate, total_steps, s3.warmup_fraction, accelerator.num_processes))
-    guard = NonFiniteGuard(rt.nan_max_consecutive, accelerator, STAGE)
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
     detector = GradExplosionDetector(rt.grad_explosion_factor)
     stepper = OptimizerStepper(accelerator, text_encoder, optimizer, lr_scheduler, s3.grad_clip, guard, detector)
     losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
@@ -388,6 +392,11 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         after = evaluate(cfg, vae, unet, model, tokenizer, scorer, val_set.captions, val_cache, noise_scheduler,
                          folder / "samples" / "stage3_after.png")
         log_image_grid(accelerator, "stage3_after", after["grid"], state.global_step)
+        if not math.isfinite(after["val_denoise_loss"]):
+            raise NoUsableWeightsError(
+                f"stage 3 ended without usable weights: the tuned text encoder gives a NaN/inf validation "
+                f"denoising loss, so {folder / 'text_encoder'} was not written; lower stage3.learning_rate"
+            )
         log_metrics(accelerator, losses, state.global_step, state.epoch,
                     {"val_clip_score": after["val_clip_score"], "val_denoise_loss": after["val_denoise_loss"]})
         text_dir = atomic_save_pretrained(model, folder / "text_encoder")
