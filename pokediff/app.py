@@ -335,8 +335,8 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
                 sprite_type = gr.Dropdown([ANY_TYPE, *TYPE_NAMES], value=ANY_TYPE,
                                           label="Type (type-conditional GAN)", visible=first.type_conditional)
                 with gr.Row():
-                    num_sprites = gr.Slider(1, MAX_SPRITES, value=4, step=1, label="Sprites")
-                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
+                    num_sprites = gr.Slider(1, MAX_SPRITES, value=4, step=1, label="Sprites", elem_id="num_sprites")
+                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(1.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE_SCALE, step=0.5,
                                          label="Guidance")
                 with gr.Row():
