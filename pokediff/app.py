@@ -310,7 +310,7 @@ class SpriteDemo:
         if self.startup_seconds is None:
             return ""
         what = f"at {self.startup_steps} steps " if self.default_model.is_diffusion else ""
-        return (f"On this machine ({self.device.type}, {torch.get_num_threads()} threads) one sprite {what}takes "
+        return (f"On this machine ({self.device.type}, {torch.get_num_threads()} CPU threads) one sprite {what}takes "
                 f"about **{self.startup_seconds:.2f} s**; fewer steps are faster.")
 
 
