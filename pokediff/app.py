@@ -314,8 +314,9 @@ class SpriteDemo:
             return ""
         what = f"at {self.startup_steps} steps " if self.default_model.is_diffusion else ""
         threads = torch.get_num_threads()
-        return (f"On this machine ({self.device.type}, {threads} CPU thread{'s' * (threads != 1)}) one sprite {what}takes "
-                f"about **{self.startup_seconds:.2f} s**; fewer steps are faster.")
+        where = f"{self.device.type}, {threads} CPU thread{'s' * (threads != 1)}"
+        return (f"On this machine ({where}) one sprite {what}takes about **{self.startup_seconds:.2f} s**; "
+                "fewer steps are faster.")
 
 
 # ------------------------------------------------------------------------------------------ the page
