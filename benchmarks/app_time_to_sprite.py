@@ -57,7 +57,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the page's)")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--screenshot", default=None, help="save a PNG of the page after the sprites appear")
-    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--timing-steps", type=int, default=None,
+                   help="passed to the app: steps of the sprite it times at startup (default: the app's)")
+    p.add_argument("--startup-timeout", type=float, default=1800)
     args = p.parse_args(argv)
 
     port = free_port()
@@ -65,8 +67,10 @@ def main(argv=None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     log = tempfile.NamedTemporaryFile("w+", prefix="pokediff-app-", suffix=".log")  # a pipe could fill and block
-    server = subprocess.Popen([sys.executable, "-m", "pokediff.app", "--model", args.model, "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "pokediff.app", "--model", args.model, "--port", str(port)]
+    if args.timing_steps is not None:
+        command += ["--timing-steps", str(args.timing_steps)]
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(url, server, args.startup_timeout)
         startup_s = time.perf_counter() - started
@@ -105,6 +109,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "server_startup_s": round(startup_s, 1),
         "time_to_first_sprite_s": round(first_sprite_s, 2),
         "page_intro": intro,
