@@ -302,9 +302,11 @@ class SpriteDemo:
         self.timing[model.name] = per_sprite
         items = [(image, f"seed {request.seed + k}") for k, image in enumerate(images)]
         what = f"{request.steps} steps" if model.is_diffusion else model.meta.get("model_name", "GAN")
+        seeds = f"seed {request.seed}"
+        if len(images) > 1:
+            seeds = f"seeds {request.seed}–{request.seed + len(images) - 1} (sprite k: seed {request.seed} + k)"
         status = (
-            f"{len(images)} sprite(s), {images[0].width}×{images[0].height} {images[0].mode}, seeds "
-            f"{request.seed}–{request.seed + request.num_sprites - 1} (sprite k uses seed {request.seed} + k), "
+            f"{len(images)} sprite(s), {images[0].width}×{images[0].height} {images[0].mode}, {seeds}, "
             f"{what}: {seconds:.2f} s on {self.device.type} ({per_sprite:.2f} s per sprite)"
         )
         return items, request.seed, status
@@ -312,7 +314,8 @@ class SpriteDemo:
     def timing_note(self) -> str:
         if self.startup_seconds is None:
             return ""
-        what = f"at {self.startup_steps} steps " if self.default_model.is_diffusion else ""
+        steps = self.startup_steps
+        what = f"at {steps} step{'s' * (steps != 1)} " if self.default_model.is_diffusion else ""
         threads = torch.get_num_threads()
         where = f"{self.device.type}, {threads} CPU thread{'s' * (threads != 1)}"
         return (f"On this machine ({where}) one sprite {what}takes about **{self.startup_seconds:.2f} s**; "
@@ -354,7 +357,7 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
                 gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Sprites", columns=4, format="png", elem_id="gallery",
-                                     buttons=["download", "download_all", "fullscreen"])
+                                     object_fit="contain", buttons=["download", "download_all", "fullscreen"])
                 status = gr.Markdown(elem_id="status")
 
         def show_type_picker(name):

@@ -55,7 +55,8 @@ def test_handler_returns_seeded_sprites_and_reports_each_step(demo_models):
     assert [caption for _, caption in items] == ["seed 10", "seed 11", "seed 12"]
     assert all(isinstance(im, Image.Image) and im.size == (215, 215) and im.mode == "RGB" for im, _ in items)
     assert steps_seen == [(1, 3), (2, 3), (3, 3)]
-    assert "3 sprite(s), 215×215 RGB, seeds 10–12" in status and "s per sprite" in status
+    assert "3 sprite(s), 215×215 RGB, seeds 10–12 (sprite k: seed 10 + k), 3 steps: " in status
+    assert status.endswith(" s per sprite)")
     # sprite k used seed + k: asking for seed 11 alone gives the second sprite again (batching aside: +-2 levels)
     again, _, _ = call(demo_models, num=1, seed=11, steps=3)
     assert (pixels(again[0][0]) - pixels(items[1][0])).abs().max() <= 2
@@ -101,6 +102,14 @@ def test_a_vanished_model_folder_is_an_error_and_the_others_keep_working(pipelin
         call(demo_models, model=str(second))
     items, _, _ = call(demo_models, num=1)
     assert len(items) == 1
+
+
+def test_an_unreachable_hub_id_is_a_page_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo_models = SpriteDemo(["someone/pokesprite"])
+    assert demo_models.default_model.kind == "hub"
+    with pytest.raises(gr.Error, match="cannot load model someone/pokesprite: .*not fully cached"):
+        call(demo_models)
 
 
 def test_gan_checkpoints_ignore_the_prompt_and_take_a_type(tmp_path):
