@@ -195,8 +195,8 @@ class SpriteDemo:
         return self.startup_seconds
 
     # -------------------------------------------------------------- checks
-    def check_request(self, model_name, prompt, negative_prompt, num_sprites, seed, randomize_seed, steps,
-                      guidance, scheduler, transparent, sprite_type) -> SpriteRequest:
+    def check_request(self, model_name, prompt, negative_prompt, num_sprites, seed, steps, guidance, scheduler,
+                      transparent, sprite_type) -> SpriteRequest:
         """A checked :class:`SpriteRequest`; bad input raises ``gr.Error`` naming the bad field."""
         if model_name not in self.models:
             raise gr.Error(f"unknown model {model_name!r}; choose one of: {', '.join(self.models)}")
@@ -215,8 +215,6 @@ class SpriteDemo:
         steps = _whole_number(steps, "steps", 1, MAX_STEPS)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1 <= guidance <= MAX_GUIDANCE:
             raise gr.Error(f"guidance must be a number from 1 to {MAX_GUIDANCE:g} (1 = no guidance), got {guidance!r}")
-        if randomize_seed:
-            seed = random.randint(0, MAX_SEED)
         seed = _whole_number(seed, "seed", 0, MAX_SEED)
         if scheduler not in SCHEDULER_CHOICES:
             raise gr.Error(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULER_CHOICES)}")
@@ -244,6 +242,8 @@ class SpriteDemo:
         pipe.scheduler = request.model.schedulers[request.scheduler]
 
         def report_step(pipeline, step, timestep, callback_kwargs):
+            # explicit, not gr.Progress(track_tqdm=True): tqdm patching is process-wide, and requests on other
+            # models run in other threads at the same time
             progress((step + 1, request.steps), desc="sampling", unit="steps")
             return callback_kwargs
 
@@ -280,8 +280,10 @@ class SpriteDemo:
 
         Bad input raises ``gr.Error`` (shown in the page; the server keeps serving).
         """
-        request = self.check_request(model_name, prompt, negative_prompt, num_sprites, seed, randomize_seed, steps,
-                                     guidance, scheduler, transparent, sprite_type)
+        if randomize_seed:
+            seed = random.randint(0, MAX_SEED)
+        request = self.check_request(model_name, prompt, negative_prompt, num_sprites, seed, steps, guidance,
+                                     scheduler, transparent, sprite_type)
         model = request.model
         with model.lock:
             try:
