@@ -58,6 +58,19 @@ def sample_from_checkpoint(
     generator, meta = load_generator(path, use_ema=use_ema, device=device)
     if use_ema and not meta.get("has_ema"):
         logger.info("%s has no EMA generator; sampling the raw generator", resolve_checkpoint(path))
+    return sample_generator(generator, meta, num, seed=seed, type_name=type_name, device=device, batch_size=batch_size)
+
+
+@torch.no_grad()
+def sample_generator(
+    generator, meta: dict, num: int, seed: int = 0, type_name: str | None = None, device="cpu", batch_size: int = 64
+) -> torch.Tensor:
+    """``num`` images (N, 3, H, W) in [0, 1] from a generator already loaded by ``load_generator`` (same seeding
+    as :func:`sample_from_checkpoint`, so a long-lived process such as the web demo loads it only once)."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn(num, generator.config.latent_dim, generator=rng)
     labels = _class_labels(generator, meta, num, type_name, rng)
