@@ -83,6 +83,10 @@ def test_gan_dry_run_prints_the_plan_and_writes_nothing(tiny_data_root, tmp_path
     assert f"data: {n_train} training images, batch size 4" in printed
     assert f"{n_train // 4} generator steps per epoch, {2 * (n_train // 4)} generator steps in total" in printed
     assert "dcgan: generator " in printed and "dry run: nothing trained, nothing written" in printed
+    # the tiny config caps at 20 steps, but one epoch ends first: training stops at whichever comes first
+    gan_train.main(["--model", "dcgan", "--config", str(GAN_CONFIG_DIR / "tiny.yaml"), "--output-dir", str(tmp_path),
+                    "--dry-run", f"data.root={tiny_data_root}", "data.filter_generations=[]", "train.batch_size=4"])
+    assert f"{n_train // 4} generator steps in total" in capsys.readouterr().out and n_train // 4 < 20
     assert list(tmp_path.iterdir()) == []
 
 

@@ -263,7 +263,9 @@ def plan_training(cfg: GanConfig) -> dict:
                           f"({len(train_split)} images); lower the batch size")
     steps_per_epoch = max(batches // t.n_critic, 1)
     pretrain_steps = cfg.pretrain.steps if cfg.pretrain.dataset else 0
-    total = t.max_steps if t.max_steps is not None else pretrain_steps + t.epochs * steps_per_epoch
+    total = pretrain_steps + t.epochs * steps_per_epoch  # training stops at train.epochs or train.max_steps
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
     generator, discriminator = build_models(cfg)
     return {
         "model": cfg.model.name, "train_images": len(train_split), "batch_size": t.batch_size,
