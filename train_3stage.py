@@ -5,6 +5,7 @@
     python train_3stage.py --config configs/tiny.yaml --stage 1 --max-steps 20 stage1.batch_size=4
     python train_3stage.py --resume latest            # continue the run named by the config
     python train_3stage.py --data-stats               # describe the dataset and exit
+    python train_3stage.py --config configs/tiny.yaml --dry-run   # check config + data, print the step plan
 
 Any trailing ``key=value`` overrides a config key (``pokediff/config.py`` lists them). A run lands in
 ``<output_dir>/<experiment_name>/`` with config.yaml, losses.csv, logs/, samples/, checkpoints/, vae/, unet/,
@@ -38,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--diffusion-checkpoint",
                         help="U-Net folder or pipeline folder for stage 3 (default: <run>/unet)")
     parser.add_argument("--data-stats", action="store_true", help="print dataset statistics as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load config and data, build the chosen stages' models, print parameter counts and "
+                             "the step plan, and exit without training or writing anything")
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps (smoke runs)")
     parser.add_argument("--push-to-hub", action="store_true", help="upload <run>/pipeline when training ends")
     parser.add_argument("--hub-model-id", help="hub repository for --push-to-hub, e.g. user/pokediff")
@@ -141,13 +145,25 @@ def main(argv=None, accelerator=None) -> dict:
         stages = stages[stages.index(stage):]
         resume_for = {s: (args.resume if s == stage else None) for s in stages}
 
-    own_accelerator = accelerator is None
-    accelerator = build_accelerator(cfg, accelerator)
-    outputs: dict = {}
     vae_path = Path(args.vae_checkpoint).expanduser() if args.vae_checkpoint else run / "vae"
     unet_path, pipeline_vae = _resolve_diffusion(args, run)
     if pipeline_vae is not None and args.vae_checkpoint is None:
         vae_path = pipeline_vae
+
+    if args.dry_run:
+        from accelerate import PartialState
+
+        from pokediff.training.plan import format_plan, plan_run
+
+        num_processes = accelerator.num_processes if accelerator is not None else PartialState().num_processes
+        plan = plan_run(cfg, stages, vae_path, unet_path, num_processes)
+        if num_processes == 1 or PartialState().is_main_process:
+            print(format_plan(plan))
+        return {"plan": plan}
+
+    own_accelerator = accelerator is None
+    accelerator = build_accelerator(cfg, accelerator)
+    outputs: dict = {}
 
     if "1" in stages:
         from pokediff.training.stage1_vae import train_stage1

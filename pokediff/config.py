@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import tempfile
 import types
 import typing
@@ -24,7 +26,19 @@ DEFAULT_DATA_DIR = REPO_ROOT / "data" / "pokemon"
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+    """A config file or override names an unknown key or holds a value of the wrong type or range."""
+
+
+# PyYAML follows YAML 1.1, which reads `1e-4` (no dot) and `1E10` as strings; these are the spellings a
+# float-typed key accepts as text. nan/inf parse too, so that validation can refuse them by key name.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?\.?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def _float_from_text(text: str) -> float | None:
+    text = text.strip()
+    if not _FLOAT_TEXT.fullmatch(text):
+        return None
+    return float(re.sub(r"^([-+]?)\.(?=[a-zA-Z])", r"\1", text))  # YAML's `.inf` is Python's `inf`
 
 
 # ----------------------------------------------------------------------------------------- schema
@@ -260,6 +274,7 @@ def _resolve_type(cls, name: str):
 
 
 def _coerce(value: Any, tp, optional: bool, where: str):
+    given = value
     if value is None:
         if optional:
             return None
@@ -270,11 +285,15 @@ def _coerce(value: Any, tp, optional: bool, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif tp is int:
+        if isinstance(value, str):
+            value = _float_from_text(value)  # `1e3` (YAML 1.1 text) is 1000
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):
+            value = _float_from_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
@@ -282,10 +301,12 @@ def _coerce(value: Any, tp, optional: bool, where: str):
             return str(value)
     elif tp is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            # numbers inside lists (split_fractions: [8e-1, ...]) get the same YAML 1.1 fix
+            return [_float_from_text(v) if isinstance(v, str) and _float_from_text(v) is not None else v
+                    for v in value]
     else:
         return value
-    raise ConfigError(f"config key '{where}' expects {tp.__name__}, got {value!r}")
+    raise ConfigError(f"config key '{where}' expects {tp.__name__}, got {given!r}")
 
 
 def _parse_command_line_value(value: "CommandLineValue", tp, optional: bool, where: str):
@@ -382,8 +403,197 @@ def build_config(cls, path=None, overrides=None):
     return cfg
 
 
+# ------------------------------------------------------------------------------------- validation
+# Choices the consumers accept (tests/test_config.py checks these lists against pokediff.pipeline / perceptual).
+PERCEPTUAL_BACKENDS = ("auto", "lpips", "stlpips")
+PERCEPTUAL_NETS = ("alex", "vgg")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+INFERENCE_SCHEDULER_NAMES = ("dpm", "ddim", "ddpm")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "none")
+CLIP_SOURCES = ("auto", "pretrained", "domain")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ConfigChecker:
+    """Range, choice and cross-field checks on a loaded config; the first failure raises a ``ConfigError``
+    of the form ``<key>=<value>: <what is allowed>``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def value(self, key: str):
+        node = self.cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    @staticmethod
+    def fail(key: str, value, allowed: str):
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+    def _each(self, keys, ok, allowed: str, optional: bool = False):
+        for key in keys:
+            value = self.value(key)
+            if value is None and optional:
+                continue
+            if not ok(value):
+                self.fail(key, value, allowed + (" (or null)" if optional else ""))
+
+    def ints_at_least(self, low: int, *keys, optional: bool = False):
+        self._each(keys, lambda v: isinstance(v, int) and v >= low, f"must be an integer >= {low}", optional)
+
+    def positive(self, *keys, optional: bool = False):
+        self._each(keys, lambda v: _is_number(v) and math.isfinite(v) and v > 0, "must be a finite number > 0",
+                   optional)
+
+    def non_negative(self, *keys):
+        self._each(keys, lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+
+    def at_least_one(self, *keys):
+        self._each(keys, lambda v: _is_number(v) and math.isfinite(v) and v >= 1, "must be a finite number >= 1")
+
+    def fraction(self, *keys, low_open: bool = False, high_open: bool = False, optional: bool = False):
+        def ok(v):
+            return (_is_number(v) and (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1))
+
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        self._each(keys, ok, f"must be a number in {interval}", optional)
+
+    def choice(self, key: str, options):
+        if self.value(key) not in options:
+            self.fail(key, self.value(key), f"must be one of {', '.join(options)}")
+
+    def non_empty_text(self, *keys):
+        self._each(keys, lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty string")
+
+    def finite_floats(self, node=None, prefix: str = ""):
+        """Every float anywhere in the config is finite (nan/inf are never a meaningful setting)."""
+        node = self.cfg if node is None else node
+        for f in dataclasses.fields(node):
+            value, key = getattr(node, f.name), f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                self.finite_floats(value, f"{key}.")
+            elif isinstance(value, float) and not math.isfinite(value):
+                self.fail(key, value, "must be a finite number")
+            elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                self.fail(key, value, "must hold finite numbers only")
+
+    def channels(self, section: str):
+        channels, groups = self.value(f"{section}.block_out_channels"), self.value(f"{section}.norm_num_groups")
+        if not channels or not all(isinstance(c, int) and c >= 1 and c % groups == 0 for c in channels):
+            self.fail(f"{section}.block_out_channels", channels,
+                      f"must be a non-empty list of integers >= 1, each divisible by {section}.norm_num_groups={groups}")
+
+
+def _check_data(c: ConfigChecker) -> None:
+    c.ints_at_least(1, "data.resolution", "data.max_text_length")
+    c.ints_at_least(0, "data.num_workers")
+    c.non_empty_text("data.root", "data.image_column", "data.caption_column")
+    background = c.value("data.background")
+    if len(background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in background):
+        c.fail("data.background", background, "must be three integers in [0, 255] (R, G, B)")
+    fractions = c.value("data.split_fractions")
+    if (len(fractions) != 3 or not all(_is_number(v) and 0 <= v <= 1 for v in fractions)
+            or abs(sum(fractions) - 1.0) > 1e-6):
+        c.fail("data.split_fractions", fractions, "must be three numbers in [0, 1] summing to 1 (train, val, test)")
+    generations = c.value("data.filter_generations")
+    if not all(isinstance(g, int) and g >= 1 for g in generations):
+        c.fail("data.filter_generations", generations, "must be a list of integers >= 1, e.g. [1, 2]")
+    if not all(isinstance(t, str) and t.strip() for t in c.value("data.filter_types")):
+        c.fail("data.filter_types", c.value("data.filter_types"), "must be a list of type names, e.g. [grass]")
+    c.fraction("data.caption_dropout", "data.augmentation.hflip")
+    c.non_negative("data.augmentation.rotation")
+    jitter = c.value("data.augmentation.color_jitter")
+    if len(jitter) != 4 or not all(_is_number(v) and v >= 0 for v in jitter) or (len(jitter) == 4 and jitter[3] > 0.5):
+        c.fail("data.augmentation.color_jitter", jitter,
+               "must be four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)")
+
+
+def _check_models(c: ConfigChecker) -> None:
+    c.non_empty_text("text_encoder.name")
+    c.choice("perceptual.backend", PERCEPTUAL_BACKENDS)
+    c.choice("perceptual.net", PERCEPTUAL_NETS)
+    if c.value("vae.in_channels") != 3:
+        c.fail("vae.in_channels", c.value("vae.in_channels"), "must be 3 (sprites are composited to RGB)")
+    c.ints_at_least(1, "vae.latent_channels", "vae.layers_per_block", "vae.norm_num_groups",
+                    "vae.cross_attention_dim", "unet.layers_per_block", "unet.attention_head_dim",
+                    "unet.cross_attention_dim", "unet.norm_num_groups")
+    c.positive("vae.scaling_factor")
+    c.channels("vae")
+    c.channels("unet")
+    channels = c.value("unet.block_out_channels")
+    for key in ("unet.down_block_types", "unet.up_block_types"):
+        if len(c.value(key)) != len(channels):
+            c.fail(key, c.value(key), f"must name one block per unet.block_out_channels entry ({len(channels)})")
+    if not any("CrossAttn" in b for b in c.value("unet.down_block_types") + c.value("unet.up_block_types")):
+        c.fail("unet.down_block_types", c.value("unet.down_block_types"),
+               "needs a CrossAttn block (here or in unet.up_block_types), or the text is ignored")
+    c.ints_at_least(1, "scheduler.num_train_timesteps", "scheduler.num_inference_steps")
+    c.choice("scheduler.beta_schedule", BETA_SCHEDULES)
+    c.choice("scheduler.prediction_type", PREDICTION_TYPES)
+    c.choice("scheduler.inference_scheduler", INFERENCE_SCHEDULER_NAMES)
+    c.at_least_one("scheduler.guidance_scale")
+
+
+def _check_runtime(c: ConfigChecker) -> None:
+    c.choice("runtime.mixed_precision", MIXED_PRECISIONS)
+    c.choice("runtime.report_to", REPORT_TO)
+    c.non_empty_text("runtime.output_dir", "runtime.experiment_name")
+    c.ints_at_least(1, "runtime.gradient_accumulation_steps", "runtime.checkpoint_every_steps",
+                    "runtime.checkpoints_total_limit", "runtime.sample_every_epochs", "runtime.nan_max_consecutive")
+    c.ints_at_least(1, "runtime.max_steps", optional=True)
+    c.at_least_one("runtime.grad_explosion_factor")
+
+
+def _check_stages(c: ConfigChecker) -> None:
+    for stage in ("stage1", "stage2", "stage3"):
+        c.ints_at_least(1, f"{stage}.epochs", f"{stage}.batch_size")
+        c.positive(f"{stage}.learning_rate", f"{stage}.grad_clip")
+        c.non_negative(f"{stage}.weight_decay")
+        c.fraction(f"{stage}.warmup_fraction", low_open=True, high_open=True)  # OneCycleLR's pct_start
+    c.non_negative("stage1.l1_weight", "stage1.perceptual_weight", "stage1.kl_weight", "stage1.free_bits")
+    c.ints_at_least(0, "stage1.kl_anneal_epochs")
+    c.ints_at_least(1, "stage1.num_sample_images", "stage2.sample_images_per_prompt", "stage3.eval_num_prompts")
+    if c.value("stage1.l1_weight") + c.value("stage1.perceptual_weight") == 0:
+        c.fail("stage1.l1_weight", c.value("stage1.l1_weight"),
+               "must be > 0 when stage1.perceptual_weight is 0 (nothing would teach reconstruction)")
+    c.positive("stage2.huber_delta", "stage2.latent_clamp")
+    c.positive("stage2.min_snr_gamma", optional=True)
+    c.fraction("stage2.ema_decay", high_open=True)
+    prompts = c.value("stage2.sample_prompts")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        c.fail("stage2.sample_prompts", prompts, "must be a non-empty list of prompts")
+    c.choice("clip.source", CLIP_SOURCES)
+    c.non_empty_text("clip.model", "clip.pretrained")
+    c.ints_at_least(1, "clip.domain_epochs", "clip.domain_batch_size", "clip.domain_embed_dim",
+                    "clip.domain_hidden_dim", "clip.domain_image_size")
+    c.positive("clip.domain_learning_rate")
+    c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance")
+    c.choice("clip.domain_image_backbone", PERCEPTUAL_NETS)
+    c.non_negative("stage3.clip_weight", "stage3.denoise_weight", "stage3.anchor_weight")
+    if c.value("stage3.clip_weight") + c.value("stage3.denoise_weight") == 0:
+        c.fail("stage3.clip_weight", c.value("stage3.clip_weight"),
+               "must be > 0 when stage3.denoise_weight is 0 (the text encoder would learn nothing)")
+    c.fraction("stage3.clip_max_timestep_fraction", low_open=True)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every range, choice and cross-field rule once, before any work; raise ``ConfigError`` naming the
+    key, its value and what is allowed (e.g. ``stage1.learning_rate=-0.001: must be a finite number > 0``)."""
+    checker = ConfigChecker(cfg)
+    for check in (_check_data, _check_models, _check_runtime, _check_stages):
+        check(checker)
+    checker.finite_floats()
+    return cfg
+
+
 def load_config(path=None, overrides=None) -> Config:
-    return build_config(Config, path, overrides)
+    return validate_config(build_config(Config, path, overrides))
 
 
 def config_from_dict(cls, data: dict):

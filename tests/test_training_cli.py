@@ -14,15 +14,19 @@ from tiny import tiny_config_overrides
 import train_3stage
 from pokediff.config import CONFIG_DIR, ConfigError
 from pokediff.training import plot_losses
+from pokediff.training.common import read_losses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_args(data_root, text_encoder_dir, out, **extra):
+def tiny_args(data_root, text_encoder_dir, out, perceptual: bool = False, **extra):
     overrides = tiny_config_overrides(data_root, text_encoder_dir, out)
-    # no perceptual net (slow on CPU) and no domain-CLIP quality gate: these runs check plumbing, not quality
-    overrides.update({"stage1.perceptual_weight": 0.0, "stage2.sample_images_per_prompt": 1,
-                      "stage2.sample_prompts": ["a red fire type"], "clip.min_top1_over_chance": 0.0})
+    # no domain-CLIP quality gate: these runs check plumbing, not quality. The perceptual net is off except in
+    # the --stage all smoke run, which keeps the user's default (ST-LPIPS offline) on.
+    overrides.update({"stage2.sample_images_per_prompt": 1, "stage2.sample_prompts": ["a red fire type"],
+                      "clip.min_top1_over_chance": 0.0})
+    if not perceptual:
+        overrides["stage1.perceptual_weight"] = 0.0
     overrides.update(extra)
     # JSON is valid YAML and keeps strings such as "no" from reading as booleans
     return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
@@ -76,14 +80,20 @@ def test_a_checkpoint_of_another_stage_is_refused(tmp_path):
 def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_encoder_dir, tmp_path):
     from pokediff.pipeline import PokeSpritePipeline
 
+    # the user's default code paths: perceptual loss on (ST-LPIPS offline) in stage 1, then stage 3 fits the
+    # offline domain CLIP on ST-LPIPS's trunk, so the perceptual adapter is built twice in one process
     outputs = train_3stage.main(["--stage", "all", "--max-steps", "2", "--experiment-name", "smoke",
-                                 *tiny_args(tiny_data_root, text_encoder_dir, tmp_path,
+                                 *tiny_args(tiny_data_root, text_encoder_dir, tmp_path, perceptual=True,
                                             **{"runtime.report_to": "tensorboard"})])
     run = tmp_path / "smoke"
     assert outputs["vae"] == run / "vae" and outputs["unet"] == run / "unet"
     for name in ("config.yaml", "losses.csv", "vae/config.json", "unet/config.json", "pipeline/model_index.json",
-                 "pipeline/README.md", "samples/stage1_epoch0001.png", "samples/stage2_epoch0001.png"):
+                 "pipeline/README.md", "samples/stage1_epoch0001.png", "samples/stage2_epoch0001.png",
+                 "text_encoder/config.json", "pipeline/domain_clip", "stage3_metrics.json"):
         assert (run / name).exists(), name
+    perceptual = [r["value"] for r in read_losses(run / "losses.csv")
+                  if r["stage"] == "stage1" and r["metric"].endswith("perceptual")]
+    assert perceptual and all(v > 0 for v in perceptual), perceptual  # the term was computed, not skipped
     for stage in ("stage1", "stage2"):
         state = json.loads((run / "checkpoints" / stage / "checkpoint-0000002" / "training_state.json").read_text())
         assert state["global_step"] == 2

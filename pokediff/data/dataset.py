@@ -137,7 +137,7 @@ def load_sprite_dataset(data_cfg, return_problems: bool = False):
         gens = {int(g) for g in data_cfg.filter_generations}
         ds = ds.filter(lambda g: g in gens, input_columns="generation")
     if len(ds) == 0:
-        raise ConfigError("no rows left after filtering: check data.filter_types / data.filter_generations")
+        raise ConfigError(f"no rows left after filtering with {_filters_text(data_cfg)}: widen the filters")
     ds, problems = _validate(ds, data_cfg)
     return (ds, problems) if return_problems else ds
 
@@ -220,8 +220,22 @@ def collate_sprites(items: list[dict]) -> dict:
     }
 
 
-def load_splits(data_cfg) -> dict[str, datasets.Dataset]:
-    return split_dataset(load_sprite_dataset(data_cfg), data_cfg)
+def _filters_text(data_cfg) -> str:
+    return (f"data.filter_types={list(data_cfg.filter_types)}, "
+            f"data.filter_generations={list(data_cfg.filter_generations)}")
+
+
+def load_splits(data_cfg, require: tuple[str, ...] = ()) -> dict[str, datasets.Dataset]:
+    """The three splits; each split named in ``require`` must be non-empty (checked before any training)."""
+    splits = split_dataset(load_sprite_dataset(data_cfg), data_cfg)
+    for name in require:
+        if len(splits[name]) == 0:
+            sizes = ", ".join(f"{n} {len(splits[n])}" for n in SPLIT_NAMES)
+            raise ConfigError(
+                f"the '{name}' split is empty ({sizes} rows) with {_filters_text(data_cfg)} and "
+                f"data.split_fractions={list(data_cfg.split_fractions)}: widen the filters or change the fractions"
+            )
+    return splits
 
 
 def build_dataloader(data_cfg, split: str, batch_size: int, shuffle: bool | None = None, drop_last: bool = False,

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pokediff.config import CONFIG_DIR, ConfigError, DataConfig, build_config, config_from_dict
+from pokediff.config import (
+    CONFIG_DIR,
+    REPORT_TO,
+    ConfigChecker,
+    ConfigError,
+    DataConfig,
+    _check_data,
+    build_config,
+    config_from_dict,
+)
 
 GAN_CONFIG_DIR = CONFIG_DIR / "gan"
 MODEL_NAMES = ("dcgan", "wgan_small", "wgan_large", "progan", "cdcgan", "vitgan")
@@ -114,8 +123,36 @@ class GanConfig:
         return dataclasses.asdict(self)
 
 
+def _check_ranges(cfg: GanConfig) -> None:
+    """Ranges and finiteness, as ``pokediff.config.validate_config`` does for diffusion: ``key=value: allowed``."""
+    c = ConfigChecker(cfg)
+    c.choice("model.name", MODEL_NAMES)
+    c.choice("train.loss", LOSS_NAMES)
+    c.ints_at_least(1, "model.resolution", "model.latent_dim", "model.g_features", "model.d_features",
+                    "model.g_max_features", "model.d_max_features", "model.num_classes", "model.class_embed_dim",
+                    "train.batch_size", "train.epochs", "train.n_critic")
+    c.ints_at_least(0, "model.attention_resolution", "pretrain.steps")
+    c.fraction("model.g_dropout", high_open=True)
+    c.ints_at_least(1, "train.max_steps", optional=True)
+    c.positive("train.max_minutes", "train.grad_clip", optional=True)
+    c.positive("train.lr_g", "train.lr_d")
+    c.fraction("train.beta1", "train.beta2", high_open=True)
+    c.non_negative("train.lambda_gp", "train.drift", "train.feature_matching")
+    c.fraction("train.label_flip_prob")
+    c.fraction("train.ema_decay", low_open=True, high_open=True, optional=True)
+    c.ints_at_least(1, "train.nan_max_consecutive", "runtime.checkpoint_every_steps",
+                    "runtime.checkpoints_total_limit", "runtime.sample_every_epochs", "runtime.num_sample_images",
+                    "runtime.log_every_steps")
+    c.fraction("progan.fade_in", high_open=True)
+    c.choice("runtime.report_to", REPORT_TO)
+    c.non_empty_text("runtime.output_dir", "runtime.device")
+    _check_data(c)
+    c.finite_floats()
+
+
 def validate_gan_config(cfg: GanConfig) -> GanConfig:
-    """Check cross-field rules once, with errors that name the bad key; syncs data.resolution."""
+    """Check ranges and cross-field rules once, with errors that name the bad key; syncs data.resolution."""
+    _check_ranges(cfg)
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name '{cfg.model.name}' is not one of {', '.join(MODEL_NAMES)}")
     if cfg.train.loss not in LOSS_NAMES:

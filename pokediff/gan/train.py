@@ -27,6 +27,7 @@ from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_me
 from pokediff.gan.config import MODEL_NAMES, GanConfig, default_config_path, load_gan_config, validate_gan_config
 from pokediff.device import resolve_device
 from pokediff.errors import report_user_errors, write_failure
+from pokediff.gan.registry import build_models
 from pokediff.gan.trainer import GanTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _loader(data_cfg, batch_size: int, dataset, seed: int):
 
 def build_training_data(cfg: GanConfig):
     """(train split of the sprites, its primary-type histogram)."""
-    train_split = load_splits(cfg.data)["train"]
+    train_split = load_splits(cfg.data, require=("train",))["train"]
     type_ids = [primary_type_id(t) for t in train_split["types"]] if "types" in train_split.column_names else []
     counts = Counter(i for i in type_ids if i >= 0)
     if cfg.model.name == "cdcgan" and len(counts) == 0:
@@ -255,6 +256,44 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
     return run_dir
 
 
+def plan_training(cfg: GanConfig) -> dict:
+    """``--dry-run``: the data, the networks' sizes and the step plan of a fresh run, without training."""
+    from pokediff.training.plan import count_parameters
+
+    train_split, _ = build_training_data(cfg)
+    t, rt = cfg.train, cfg.runtime
+    batches = len(train_split) // t.batch_size  # drop_last=True, as in training
+    if batches == 0:
+        raise ConfigError(f"train.batch_size={t.batch_size}: larger than the training split "
+                          f"({len(train_split)} images); lower the batch size")
+    steps_per_epoch = max(batches // t.n_critic, 1)
+    pretrain_steps = cfg.pretrain.steps if cfg.pretrain.dataset else 0
+    total = pretrain_steps + t.epochs * steps_per_epoch  # training stops at train.epochs or train.max_steps
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    generator, discriminator = build_models(cfg)
+    return {
+        "model": cfg.model.name, "train_images": len(train_split), "batch_size": t.batch_size,
+        "generator": count_parameters(generator)[0], "discriminator": count_parameters(discriminator)[0],
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "max_minutes": t.max_minutes,
+        "checkpoint_every_steps": rt.checkpoint_every_steps,
+        "checkpoints_written": total // rt.checkpoint_every_steps + (total % rt.checkpoint_every_steps != 0),
+        "checkpoints_kept": rt.checkpoints_total_limit, "run_dir": str(default_run_dir(cfg)),
+    }
+
+
+def format_training_plan(plan: dict) -> str:
+    budget = f", or {plan['max_minutes']} minutes if sooner" if plan["max_minutes"] is not None else ""
+    return "\n".join([
+        f"{plan['model']}: generator {plan['generator']:,} parameters, discriminator {plan['discriminator']:,}",
+        f"data: {plan['train_images']} training images, batch size {plan['batch_size']}",
+        f"{plan['steps_per_epoch']} generator steps per epoch, {plan['total_steps']} generator steps in total{budget}",
+        f"checkpoint every {plan['checkpoint_every_steps']} steps and at the end: {plan['checkpoints_written']} "
+        f"written, newest {plan['checkpoints_kept']} kept, in {plan['run_dir']}",
+        "dry run: nothing trained, nothing written",
+    ])
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _deep_update(base: dict, updates: dict) -> dict:
     for key, value in updates.items():
@@ -283,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-dataset", help="datasets hub name or local imagefolder to pretrain on first")
     p.add_argument("--pretrain-steps", type=int, help="generator steps on the pretraining data")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config and data, print the networks' sizes and the step plan, exit without training")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lambda_gp=5 model.latent_dim=100")
     return p
 
@@ -374,6 +415,9 @@ def main(argv=None) -> Path:
 
 def _configure_and_train(args) -> Path:
     cfg, checkpoint, run_dir = config_from_args(args)
+    if args.dry_run:
+        print(format_training_plan(plan_training(cfg)))
+        return run_dir if run_dir is not None else default_run_dir(cfg)
     return train(cfg, resume=checkpoint, run_dir=run_dir)
 
 

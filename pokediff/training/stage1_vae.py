@@ -182,10 +182,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     folder = start_stage(accelerator, cfg, STAGE)
     vae_dir = folder / "vae"
 
-    splits = load_splits(cfg.data)
-    for name in ("train", "val"):
-        if len(splits[name]) == 0:
-            raise ConfigError(f"stage 1 needs a non-empty '{name}' split; check data.split_fractions / filters")
+    splits = load_splits(cfg.data, require=("train", "val"))
     train_loader = wrap_dataloader_seeded(
         build_dataloader(cfg.data, "train", s1.batch_size, shuffle=True, drop_last=True, dataset=splits["train"]),
         rt.seed,

@@ -251,10 +251,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
     text_encoder.requires_grad_(False).eval().to(device)
 
-    splits = load_splits(cfg.data)
-    for name in ("train", "val"):
-        if len(splits[name]) == 0:
-            raise ConfigError(f"stage 2 needs a non-empty '{name}' split; check data.split_fractions / filters")
+    splits = load_splits(cfg.data, require=("train", "val"))
     train_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["train"], cfg.data, train=False),
                               cfg.data.max_text_length, device, flips=s2.cache_flips, variants=True)
     val_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["val"], cfg.data, train=False),

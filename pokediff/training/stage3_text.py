@@ -243,10 +243,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     scale = vae.scale_latents
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
 
-    splits = load_splits(cfg.data)
-    for name in ("train", "val"):
-        if len(splits[name]) == 0:
-            raise ConfigError(f"stage 3 needs a non-empty '{name}' split; check data.split_fractions / filters")
+    splits = load_splits(cfg.data, require=("train", "val"))
 
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     resume_from = checkpoints.resolve(resume)
