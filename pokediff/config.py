@@ -548,6 +548,7 @@ def _check_runtime(c: ConfigChecker) -> None:
                     "runtime.checkpoints_total_limit", "runtime.sample_every_epochs", "runtime.nan_max_consecutive")
     c.ints_at_least(1, "runtime.max_steps", optional=True)
     c.at_least_one("runtime.grad_explosion_factor")
+    c.ints_at_least(0, "runtime.num_threads")
 
 
 def _check_stages(c: ConfigChecker) -> None:
@@ -575,7 +576,7 @@ def _check_stages(c: ConfigChecker) -> None:
     c.positive("clip.domain_learning_rate")
     c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance")
     c.choice("clip.domain_image_backbone", PERCEPTUAL_NETS)
-    c.non_negative("stage3.clip_weight", "stage3.denoise_weight", "stage3.anchor_weight")
+    c.non_negative("stage3.clip_weight", "stage3.denoise_weight", "stage3.anchor_weight", "stage3.null_anchor_weight")
     if c.value("stage3.clip_weight") + c.value("stage3.denoise_weight") == 0:
         c.fail("stage3.clip_weight", c.value("stage3.clip_weight"),
                "must be > 0 when stage3.denoise_weight is 0 (the text encoder would learn nothing)")

@@ -73,6 +73,8 @@ def test_resolved_config_round_trips(tmp_path):
     "override, message",
     [
         ("stage1.learning_rate=-0.001", "stage1.learning_rate=-0.001: must be a finite number > 0"),
+        ("runtime.num_threads=-1", "runtime.num_threads=-1: must be an integer >= 0"),
+        ("stage3.null_anchor_weight=-1", "stage3.null_anchor_weight=-1.0: must be a finite number >= 0"),
         ("stage3.learning_rate=0", "stage3.learning_rate=0.0: must be a finite number > 0"),
         ("stage2.epochs=0", "stage2.epochs=0: must be an integer >= 1"),
         ("stage1.batch_size=-4", "stage1.batch_size=-4: must be an integer >= 1"),
