@@ -238,9 +238,10 @@ def sample_plan(data_cfg, args) -> list[dict]:
     captions, rows = split_rows("val")
     for row in range(min(args.val_captions or len(captions), len(captions))):
         plan += [{"prompt": captions[row], "target_color": _target_color(rows[row], captions[row]),
-                  "source": "val", "row": row}] * args.per_caption
+                  "source": "val", "row": row} for _ in range(args.per_caption)]
     for prompt, color in FREEFORM_PROMPTS[: args.freeform_prompts or len(FREEFORM_PROMPTS)]:
-        plan += [{"prompt": prompt, "target_color": color, "source": "freeform", "row": None}] * args.per_caption
+        plan += [{"prompt": prompt, "target_color": color, "source": "freeform", "row": None}
+                 for _ in range(args.per_caption)]
     counters: dict = {}
     for item in plan:
         index = counters[item["source"]] = counters.get(item["source"], -1) + 1

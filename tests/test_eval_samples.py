@@ -77,6 +77,8 @@ def test_packing_falls_back_to_lossy_webp_and_refuses_what_cannot_fit(real_val, 
     assert not list((tmp_path / "none").iterdir())  # no half-written archive is left behind
     with pytest.raises(ValueError, match="8 images but 7 manifest records"):
         pack_samples(images[:8], records[:7], tmp_path / "bad")
+    with pytest.raises(ValueError, match="the manifest names a file twice: val_000_0.webp"):
+        pack_samples(images[:2], [records[0], records[0]], tmp_path / "bad")
 
 
 def test_eval_samples_scores_a_folder_of_archives_like_a_model(real_val, tiny_data_root, tmp_path):

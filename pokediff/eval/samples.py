@@ -114,6 +114,10 @@ def pack_samples(images: Sequence[np.ndarray], records: Sequence[SampleRecord], 
         raise ValueError(f"{len(images)} images but {len(records)} manifest records")
     if not images:
         raise ValueError("no images to pack")
+    names = [r.file for r in records]
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"the manifest names a file twice: {', '.join(duplicates[:5])}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = max_archives * (max_bytes - min(_MANIFEST_RESERVE, max_bytes // 8))
