@@ -1,5 +1,8 @@
 """``python -m pokediff.eval --model PATH``: score a diffusion pipeline folder or a GAN checkpoint.
 
+``--samples PATH`` scores images generated elsewhere instead (a sample archive, a folder of archives, or a folder of
+images with ``manifest.jsonl``, see ``pokediff.eval.samples``), e.g. those ``benchmarks/gpu_day.py`` made on a GPU.
+
 Writes the result JSON (``--output``) and a sample grid PNG (``--grid``), and prints the metrics.
 """
 
@@ -20,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pokediff.eval", description=(
         "Score a diffusion pipeline folder or a GAN checkpoint: FID/KID (TF-Inception), CLIP score, colour "
         "agreement, diversity and (diffusion) VAE reconstruction. Writes a JSON result and a sample grid PNG."))
-    p.add_argument("--model", required=True, help="a pipeline folder (model_index.json) or a GAN checkpoint/run folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a pipeline folder (model_index.json) or a GAN checkpoint/run folder")
+    source.add_argument("--samples", help="saved samples with their manifest: a samples-K.tar archive, a folder of "
+                                          "them (e.g. gpu_day.py's --out), or a folder of images + manifest.jsonl")
+    p.add_argument("--sources", nargs="+", choices=["train", "val", "test", "freeform"], default=None,
+                   help="with --samples: which manifest records to score (default: those of --split)")
     p.add_argument("--split", default=defaults.split, choices=["val", "test", "train"],
                    help="val/test: held-out protocol (split captions vs split images); train: samples vs all "
                         "training images (default: %(default)s)")
@@ -67,7 +75,18 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
 
     ``feature_net`` / ``perceptual`` / ``clip_scorer`` replace the default networks (tests inject tiny ones).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampler = None
+    if args.samples:
+        for flag in ("num", "steps", "guidance"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} does not apply to --samples: the images are already made")
+        from .sampling import SavedSamples
+
+        sampler = SavedSamples(args.samples, sources=args.sources or [args.split])
+    elif args.sources:
+        raise ValueError("--sources applies only to --samples")
     # the outputs are checked before the evaluation, which can take many minutes
     output_path = check_writable_file(args.output, "--output")
     grid_path = check_writable_file(args.grid, "--grid") if args.grid else output_path.with_suffix(".png")
@@ -83,7 +102,7 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
         overrides.append(f"data.root={args.data_root}")
     result, grid = evaluate(args.model, settings, data_overrides=overrides, device=args.device,
                             feature_net=feature_net, perceptual=perceptual, clip_scorer=clip_scorer,
-                            progress=not args.quiet)
+                            progress=not args.quiet, sampler=sampler)
     try:
         output = write_result(result, output_path)
         if len(grid):

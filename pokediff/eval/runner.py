@@ -33,7 +33,7 @@ from .fid import extract_features, frechet_distance, kernel_inception_distance
 from .memorization import memorization_metrics
 from .reconstruction import reconstruction_metrics
 from .reference_stats import feature_net_name, real_image_batches, reference_features
-from .sampling import DiffusionSampler, load_sampler
+from .sampling import DiffusionSampler, SavedSamples, load_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def resolve_data_config(sampler, data_overrides: dict | list | None = None) -> D
     run_cfg = _run_config(sampler)
     if run_cfg is not None:
         base = dataclasses.asdict(run_cfg.data)
+    elif getattr(sampler, "data_config", None) is not None:  # saved samples whose writer recorded its data
+        base = dict(sampler.data_config)
     elif getattr(sampler, "meta", None) is not None:
         base = dict(sampler.meta.get("gan_config", {}).get("data", {}))
     else:
@@ -224,8 +226,8 @@ def validate_result(result: dict) -> None:
                 raise ValueError(f"metric '{key}' is null but 'skipped' gives no reason")
         elif not isinstance(value, (int, float)) or not np.isfinite(value):
             raise ValueError(f"metric '{key}' must be a finite number or null, got {value!r}")
-    if result["model"].get("kind") not in ("diffusion", "gan"):
-        raise ValueError(f"model.kind must be 'diffusion' or 'gan', got {result['model'].get('kind')!r}")
+    if result["model"].get("kind") not in ("diffusion", "gan", "samples"):
+        raise ValueError(f"model.kind must be 'diffusion', 'gan' or 'samples', got {result['model'].get('kind')!r}")
 
 
 def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, perceptual, progress):
@@ -234,14 +236,27 @@ def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, pe
     if not (s and p):
         reason = "turned off (diversity samples/prompts = 0)"
         return {}, {"diversity": reason, "diversity_real_dataset": reason}
-    chosen = list(dict.fromkeys(rows))[:p]
-    prompts = [captions[i] for i in chosen for _ in range(s)]
-    prompt_types = [types[i] for i in chosen for _ in range(s)]
-    # a seed range apart from the main samples'
-    images = torch.cat(list(sampler.sample(prompts, prompt_types, seed=settings.seed + 1_000_003,
-                                           batch_size=settings.batch_size, progress=progress,
-                                           desc="diversity samples")))
-    metrics = {"diversity": grouped_diversity(list(images.split(s)), perceptual)["mean"]}
+    if isinstance(sampler, SavedSamples):
+        # stored images cannot be asked for more: groups of the samples that share a prompt
+        by_prompt: dict = {}
+        for image, prompt in zip(sampler.images, sampler.prompts):
+            by_prompt.setdefault(prompt, []).append(image)
+        groups = [g for g in by_prompt.values() if len(g) >= 2][:p]
+        if not groups:
+            reason = "no prompt has two or more saved samples"
+            return {}, {"diversity": reason, "diversity_real_dataset": reason}
+        s = min(s, min(len(g) for g in groups))
+        metrics = {"diversity": grouped_diversity([torch.stack(g[:s]) for g in groups], perceptual)["mean"]}
+        p = len(groups)
+    else:
+        chosen = list(dict.fromkeys(rows))[:p]
+        prompts = [captions[i] for i in chosen for _ in range(s)]
+        prompt_types = [types[i] for i in chosen for _ in range(s)]
+        # a seed range apart from the main samples'
+        images = torch.cat(list(sampler.sample(prompts, prompt_types, seed=settings.seed + 1_000_003,
+                                               batch_size=settings.batch_size, progress=progress,
+                                               desc="diversity samples")))
+        metrics = {"diversity": grouped_diversity(list(images.split(s)), perceptual)["mean"]}
     # groups of different real sprites: how far apart two random sprites are, for scale
     count = min(len(ref_split), p * s)
     count -= count % s
@@ -276,7 +291,8 @@ def _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, pro
     """({"recon_l1", "recon_psnr", "recon_perceptual"}, skipped reasons) of the pipeline's VAE."""
     keys = ("recon_l1", "recon_psnr", "recon_perceptual")
     if sampler.vae is None or not settings.recon_num:
-        reason = "a GAN has no autoencoder" if sampler.vae is None else "turned off (recon_num = 0)"
+        no_vae = "saved samples come without their model" if sampler.kind == "samples" else "a GAN has no autoencoder"
+        reason = no_vae if sampler.vae is None else "turned off (recon_num = 0)"
         return {}, {key: reason for key in keys}
     split = "test" if settings.split == "test" else "val"
     dataset = splits[split].select(range(min(settings.recon_num, len(splits[split]))))
@@ -302,6 +318,7 @@ def evaluate(
     perceptual: nn.Module | None = None,
     clip_scorer=None,
     progress: bool = True,
+    sampler=None,
 ) -> tuple[dict, torch.Tensor]:
     """(result dict, grid images) for one model. ``feature_net`` (default: ``settings.features``), ``perceptual``
     (default: the configured LPIPS/ST-LPIPS) and ``clip_scorer`` (default: ``load_clip_scorer``) may be
@@ -310,7 +327,8 @@ def evaluate(
     settings.check()
     started = time.perf_counter()
     device = str(device or resolve_device("auto"))
-    sampler = load_sampler(model_path, device, settings.steps, settings.guidance, use_ema=settings.use_ema)
+    if sampler is None:
+        sampler = load_sampler(model_path, device, settings.steps, settings.guidance, use_ema=settings.use_ema)
     data_cfg = resolve_data_config(sampler, data_overrides)
     if sampler.resolution and sampler.resolution != data_cfg.resolution:
         # real images are compared at the size the model generates
@@ -319,7 +337,12 @@ def evaluate(
     ref_split = splits[settings.split]
     if len(ref_split) < 2:
         raise ValueError(f"the '{settings.split}' split has {len(ref_split)} images; it needs at least 2")
-    num = settings.num or len(ref_split)
+    if isinstance(sampler, SavedSamples):
+        num = len(sampler.records)
+        if num < 2:
+            raise ValueError(f"{sampler.path}: {num} sample selected; FID needs at least 2")
+    else:
+        num = settings.num or len(ref_split)
     skipped: dict[str, str] = {}
 
     if feature_net is None:
@@ -341,14 +364,22 @@ def evaluate(
         skipped["clip_score"] = skipped["clip_score_real"] = clip_reason
 
     # --- the prompts: rows of the protocol's split
-    rows = _rows_for(ref_split, num, settings.seed)
     records = ref_split.remove_columns(data_cfg.image_column)
     captions_all = [str(c) for c in records[data_cfg.caption_column]]
     row_dicts = records.to_list()
-    prompts = [captions_all[i] for i in rows]
     types_by_row = [_primary_type(row) for row in row_dicts]
-    targets = [_target_color(row_dicts[i], captions_all[i]) for i in rows]
-    types = [types_by_row[i] for i in rows]
+    if isinstance(sampler, SavedSamples):
+        # the manifest says what each image was asked for; its rows (this split's captions) give the real ceiling
+        prompts, targets = list(sampler.prompts), [r["target_color"] for r in sampler.records]
+        types = [None] * num
+        rows = [r["row"] for r in sampler.records
+                if r["source"] == settings.split and r.get("row") is not None and 0 <= r["row"] < len(ref_split)]
+        rows = rows or list(range(len(ref_split)))
+    else:
+        rows = _rows_for(ref_split, num, settings.seed)
+        prompts = [captions_all[i] for i in rows]
+        targets = [_target_color(row_dicts[i], captions_all[i]) for i in rows]
+        types = [types_by_row[i] for i in rows]
 
     # --- generate, streaming features / CLIP / colour per batch
     fake_feats, clip_scores, predicted, grid = [], [], [], []
@@ -451,7 +482,7 @@ def evaluate(
     result = {
         "schema_version": SCHEMA_VERSION,
         "model": {
-            "path": str(Path(model_path).expanduser().resolve()),
+            "path": str(Path(model_path if model_path is not None else sampler.path).expanduser().resolve()),
             "kind": sampler.kind,
             "config_hash": sampler.config_hash(),
             "details": sampler.describe(),

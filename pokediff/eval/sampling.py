@@ -153,3 +153,54 @@ def load_sampler(path, device="cpu", num_inference_steps=None, guidance_scale=No
         f"{path} is neither a diffusion pipeline folder (no model_index.json) nor a GAN checkpoint "
         "(no gan_checkpoint.json, nor checkpoints/step_*/ of a GAN run)"
     )
+
+
+class SavedSamples:
+    """Images generated elsewhere (``pokediff.eval.samples`` archives or folder) with their manifest.
+
+    ``sample`` replays the stored images in manifest order, so the eval scores them like a model's fresh samples;
+    the prompts, target colours and split rows come from the manifest (``sources`` keeps only those records).
+    """
+
+    kind = "samples"
+    text_conditional = True
+    vae = None
+
+    def __init__(self, path, sources=None):
+        from .samples import image_tensor, load_samples, read_run_info
+
+        self.path = Path(path).expanduser()
+        pairs = load_samples(self.path)
+        available = sorted({r["source"] for r, _ in pairs})
+        if sources:
+            pairs = [(r, im) for r, im in pairs if r["source"] in sources]
+            if not pairs:
+                raise ValueError(f"{self.path} has no samples from {', '.join(sources)} (it has: "
+                                 f"{', '.join(available)})")
+        self.records = [r for r, _ in pairs]
+        self.images = [image_tensor(im) for _, im in pairs]
+        self.sources = sorted({r["source"] for r in self.records})
+        self.prompts = [r["prompt"] for r in self.records]
+        self.run_info = read_run_info(self.path)  # {"data": DataConfig dict, ...} when the writer saved one
+        self.data_config = self.run_info.get("data")
+        self.background = list((self.data_config or {}).get("background", [255, 255, 255]))
+        sizes = {tuple(im.shape[-2:]) for im in self.images}
+        if len(sizes) != 1:
+            raise ValueError(f"{self.path}: samples differ in size {sorted(sizes)}; the eval needs one size")
+        self.resolution = int(next(iter(sizes))[-1])
+
+    def config_hash(self) -> str:
+        return _hash_json({"records": self.records, "run": self.run_info})
+
+    def describe(self) -> dict:
+        return {"sources": self.sources, "encoding": self.records[0].get("encoding"),
+                "generated_by": self.run_info.get("generated_by")}
+
+    def sample(self, prompts: list[str], type_names=None, seed: int = 0, batch_size: int = 16,
+               progress: bool = True, desc: str = "sampling"):
+        """Yields the stored images for ``prompts``: the manifest's own prompts, in order (anything else is an
+        error: stored images cannot answer new prompts)."""
+        if list(prompts) != self.prompts:
+            raise ValueError("saved samples can only replay their own prompts, in manifest order")
+        for start in range(0, len(self.images), batch_size):
+            yield torch.stack(self.images[start:start + batch_size])
