@@ -277,6 +277,9 @@ def _freeform_colors(sampler, settings, progress):
         return {}, {"color_agreement_freeform": f"a {sampler.kind} model is not conditioned on captions"}
     if not settings.freeform_samples:
         return {}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"}
+    if isinstance(sampler, SavedSamples):
+        return {}, {"color_agreement_freeform": "saved samples cannot answer new prompts: score the archive's "
+                                                "free-form records with --sources freeform (their color_agreement)"}
     prompts = [p for p, _ in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
     targets = [c for _, c in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
     predicted = []
