@@ -255,7 +255,16 @@ def measure(bench: Bench, levers: Levers, steps: int, warmup: int, peak: float |
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.getLogger("pokediff.data.text").setLevel(logging.ERROR)  # the stock loop re-tokenises every step
+    text_logger = logging.getLogger("pokediff.data.text")
+    previous = text_logger.level
+    text_logger.setLevel(logging.ERROR)  # the stock loop re-tokenises every step
+    try:
+        return _benchmark(args)
+    finally:
+        text_logger.setLevel(previous)  # the caller's logging (gpu_day's, a test's) as it was
+
+
+def _benchmark(args) -> dict:
     config = args.config or str(CONFIG_DIR / ("tiny.yaml" if args.tiny else "default.yaml"))
     cfg = load_config(config, args.overrides)
     device = torch.device(args.device)

@@ -376,7 +376,7 @@ def test_checkpoint_error_is_a_value_error():
 
 
 @pytest.mark.parametrize("flags, extra, message", [
-    (["--max-steps", "0"], {}, "error: max_steps must be >= 1, got 0"),
+    (["--max-steps", "0"], {}, "error: runtime.max_steps=0: must be an integer >= 1 (or null)"),
     ([], {"data.filter_generations": [9]}, "error: no rows left after filtering"),
 ])
 def test_values_found_while_setting_up_a_stage_are_one_line(tiny_data_root, text_encoder_dir, tmp_path,  # noqa: F811

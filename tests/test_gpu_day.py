@@ -46,7 +46,9 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
     train = phases["train"]
     assert all(train[f"stage{k}_s"] > 0 for k in (1, 2, 3))
     assert train["optimizer_steps"] == {"stage1": 2, "stage2": 2, "stage3": 2}
-    assert train["config_resolved"]["scheduler"]["prediction_type"] == "epsilon"  # tiny.yaml's, not gpu_quick's
+    # tiny.yaml's sizes, not gpu_quick's (the two share default.yaml's recipe and its v-prediction)
+    assert train["config_resolved"]["scheduler"]["prediction_type"] == "v_prediction"
+    assert train["config_resolved"]["stage2"]["batch_size"] == 4 != 128  # tiny_args' size; gpu_quick's is 128
 
     # at most 8 files come back from the device: everything the run keeps fits in 7
     files = sorted(p.name for p in out.iterdir())
