@@ -113,13 +113,7 @@ def check_writable_file(path, flag: str) -> Path:
     path = Path(raw).expanduser()  # Path() drops a trailing slash: look at the raw text for it
     if raw.endswith(("/", os.sep)) or path.is_dir():
         raise OutputNotWritableError(f"{flag} {path} is a folder; give a file path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputNotWritableError(f"{flag} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputNotWritableError(f"{flag} {path}: cannot write in {parent} ({_why_not_writable(parent)})")
-            break
+    _check_nearest_existing_folder(path, path.parents, flag)
     return path
 
 
@@ -128,14 +122,20 @@ def check_writable_folder(path, flag: str) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputNotWritableError(f"{flag} {path} is an existing file; give a folder")
-    for folder in (path, *path.parents):
+    _check_nearest_existing_folder(path, (path, *path.parents), flag)
+    return path
+
+
+def _check_nearest_existing_folder(path: Path, candidates, flag: str) -> None:
+    """The first of ``candidates`` (``path`` or its parents, nearest first) that exists must be a folder we can
+    write in: everything below it will be created there."""
+    for folder in candidates:
         if folder.exists():
             if not folder.is_dir():
                 raise OutputNotWritableError(f"{flag} {path}: {folder} is a file, not a folder")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise OutputNotWritableError(f"{flag} {path}: cannot write in {folder} ({_why_not_writable(folder)})")
-            break
-    return path
+            return
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
