@@ -230,6 +230,177 @@ def validate_result(result: dict) -> None:
         raise ValueError(f"model.kind must be 'diffusion', 'gan' or 'samples', got {result['model'].get('kind')!r}")
 
 
+# the steps of ``evaluate``: the data, the networks, the prompts, one pass over the images
+def _load_data(sampler, split: str, data_overrides) -> tuple[DataConfig, dict]:
+    """(data settings at the model's resolution, the splits); the protocol's split needs two images for FID."""
+    data_cfg = resolve_data_config(sampler, data_overrides)
+    if sampler.resolution and sampler.resolution != data_cfg.resolution:
+        # real images are compared at the size the model generates
+        data_cfg = dataclasses.replace(data_cfg, resolution=int(sampler.resolution))
+    splits = load_splits(data_cfg)
+    if len(splits[split]) < 2:
+        raise ValueError(f"the '{split}' split has {len(splits[split])} images; it needs at least 2")
+    return data_cfg, splits
+
+
+def _sample_count(sampler, requested: int | None, split_size: int) -> int:
+    """Saved samples: all of them; a model: ``requested``, by default as many as the split has images."""
+    if isinstance(sampler, SavedSamples):
+        num = len(sampler.records)
+        if num < 2:
+            raise ValueError(f"{sampler.path}: {num} sample selected; FID needs at least 2")
+        return num
+    return requested or split_size
+
+
+def _perceptual_for(settings: EvalSettings, sampler, device):
+    """The run's LPIPS/ST-LPIPS when diversity or reconstruction will use one, else None."""
+    if not (settings.diversity_samples or (settings.recon_num and sampler.vae is not None)):
+        return None
+    from pokediff.config import PerceptualConfig
+    from pokediff.models.perceptual import load_perceptual
+
+    run_cfg = _run_config(sampler)
+    return load_perceptual(run_cfg.perceptual if run_cfg else PerceptualConfig()).to(device)
+
+
+def _clip_for(settings: EvalSettings, sampler, clip_scorer, device):
+    """(CLIP scorer, None), or (None, why the CLIP score is skipped)."""
+    if settings.clip == "none":
+        return None, "turned off (--clip none)"
+    if not sampler.text_conditional:
+        return None, f"a {sampler.kind} model is not conditioned on captions"
+    if clip_scorer is not None:
+        return clip_scorer, None
+    return _load_clip(settings, sampler, device)
+
+
+@dataclass
+class _SplitRows:
+    """The protocol split's captions, target colours and primary types, one entry per row."""
+
+    captions: list[str]
+    colors: list[str | None]
+    types: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _split_rows(split_ds, data_cfg: DataConfig) -> _SplitRows:
+    records = split_ds.remove_columns(data_cfg.image_column)
+    captions = [str(c) for c in records[data_cfg.caption_column]]
+    rows = records.to_list()
+    return _SplitRows(captions, [_target_color(row, caption) for row, caption in zip(rows, captions)],
+                      [_primary_type(row) for row in rows])
+
+
+def _prompts_for(sampler, table: _SplitRows, split: str, num: int, seed: int):
+    """(split rows, prompts, target colours, primary types) of the ``num`` samples to score."""
+    if isinstance(sampler, SavedSamples):
+        # the manifest says what each image was asked for; its rows (this split's captions) give the real ceiling
+        rows = [r["row"] for r in sampler.records
+                if r["source"] == split and r.get("row") is not None and 0 <= r["row"] < len(table)]
+        targets = [r["target_color"] for r in sampler.records]
+        return rows or list(range(len(table))), list(sampler.prompts), targets, [None] * num
+    rows = _rows_for(table, num, seed)
+    return (rows, [table.captions[i] for i in rows], [table.colors[i] for i in rows],
+            [table.types[i] for i in rows])
+
+
+@dataclass
+class _Scored:
+    """What the metrics need of a stream of images, gathered batch by batch."""
+
+    features: torch.Tensor | None = None  # (N, D) for FID/KID
+    clip_scores: torch.Tensor | None = None  # (N,) against each image's caption
+    colors: list = dataclasses.field(default_factory=list)  # each image's dominant colour
+    grid: list = dataclasses.field(default_factory=list)  # the first images, for the grid PNG
+    count: int = 0
+    size: int | None = None  # the images' side length
+
+
+def _score_images(batches, captions, feature_net=None, clip_scorer=None, background=None,
+                  grid_size: int = 0) -> _Scored:
+    """One pass over batches (B, 3, H, W) in [0, 1]: FID features, CLIP scores against ``captions``, dominant
+    colours (given the ``background``) and the first ``grid_size`` images; no image set is held whole."""
+    scored, features, clip_scores = _Scored(), [], []
+    for batch in batches:
+        n = batch.shape[0]
+        scored.size = scored.size or int(batch.shape[-1])
+        if feature_net is not None:
+            features.append(extract_features(batch, feature_net, batch_size=n, progress=False))
+        if clip_scorer is not None:
+            clip_scores.append(clip_scorer.score(batch, captions[scored.count:scored.count + n]).double().cpu())
+        if background is not None:
+            scored.colors.extend(dominant_color(image, background) for image in batch)
+        held = sum(g.shape[0] for g in scored.grid)
+        if held < grid_size:
+            scored.grid.append(batch[: grid_size - held])
+        scored.count += n
+    scored.features = torch.cat(features) if features else None
+    scored.clip_scores = torch.cat(clip_scores) if clip_scores else None
+    return scored
+
+
+def _score_real_rows(ref_split, rows, table: _SplitRows, data_cfg, batch_size: int, clip_scorer,
+                     colors: bool) -> tuple[_Scored, list]:
+    """(CLIP scores and colours of the real images of ``rows``, their target colours): the ceiling of the
+    samples' text alignment."""
+    real_rows = sorted(set(rows))
+    if clip_scorer is None and not colors:
+        return _Scored(), []
+    batches = real_image_batches(ref_split.select(real_rows), data_cfg, batch_size)
+    scored = _score_images(batches, [table.captions[i] for i in real_rows], clip_scorer=clip_scorer,
+                           background=data_cfg.background if colors else None)
+    return scored, [table.colors[i] for i in real_rows]
+
+
+# the metrics: each returns (metrics, skipped reasons), a few with a report beside them
+def _fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int, kid_subset_size: int, seed: int):
+    """(({"fid", "kid_mean", "kid_std"}, {}), the KID subset size used)."""
+    fid = frechet_distance(real, fake)
+    kid_mean, kid_std, kid_size = kernel_inception_distance(real, fake, subsets=kid_subsets,
+                                                            subset_size=kid_subset_size, seed=seed)
+    return ({"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}, {}), kid_size
+
+
+def _memorization(fake: torch.Tensor, reference, settings: EvalSettings, train_split, data_cfg, feature_net,
+                  device, progress):
+    """(({"nn_train_*"}, skipped reasons), the samples closest to a training image): each sample's nearest
+    training image against the real held-out images' nearest (the natural level)."""
+    if not settings.memorization:
+        return ({}, {key: "turned off (--no-memorization)" for key in METRIC_KEYS if key.startswith("nn_train")}), None
+    train_ref = reference if settings.split == "train" else reference_features(
+        train_split, data_cfg, "train", feature_net, cache_dir=settings.cache_dir,
+        batch_size=settings.batch_size, device=device, progress=progress)
+    train_names = [Path(str(e.get("path") or "")).name or f"row {i}"
+                   for i, e in enumerate(train_split[data_cfg.image_column])]
+    metrics, closest = memorization_metrics(fake, train_ref.features, reference.features,
+                                            real_is_train=settings.split == "train", train_names=train_names)
+    return (metrics, {}), closest
+
+
+def _clip_score(sample_scores: torch.Tensor | None, real_scores: torch.Tensor | None, skip_reason: str | None):
+    """({"clip_score", "clip_score_real"}, skipped reasons): the samples' mean against the real images'."""
+    if skip_reason:
+        return {}, {"clip_score": skip_reason, "clip_score_real": skip_reason}
+    return {"clip_score": float(sample_scores.mean()), "clip_score_real": float(real_scores.mean())}, {}
+
+
+def _color_agreement(sample_colors, targets, real_colors, real_targets, skip_reason: str | None):
+    """(({"color_agreement", "color_agreement_real"}, skipped reasons), confusion matrices): the colour judge
+    on the samples against their prompts' colours, and on the real sprites of the same rows (its ceiling)."""
+    keys = ("color_agreement", "color_agreement_real")
+    if skip_reason:
+        return ({}, dict.fromkeys(keys, skip_reason)), None
+    samples = agreement_from_predictions(sample_colors, targets)
+    real = agreement_from_predictions(real_colors, real_targets)
+    metrics = {"color_agreement": samples["accuracy"], "color_agreement_real": real["accuracy"]}
+    skipped = dict.fromkeys(keys, "no prompt names a colour") if samples["accuracy"] is None else {}
+    return (metrics, skipped), {"samples": samples["confusion"], "real": real["confusion"]}
+
+
 def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, perceptual, progress):
     """({"diversity", "diversity_real_dataset"}, skipped reasons)."""
     s, p = settings.diversity_samples, settings.diversity_prompts
@@ -311,178 +482,28 @@ def _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, pro
     return {"recon_l1": recon["l1"], "recon_psnr": recon["psnr"], "recon_perceptual": recon["perceptual"]}, {}
 
 
-# -------------------------------------------------------------------------------------------- main
-def evaluate(
-    model_path,
-    settings: EvalSettings | None = None,
-    data_overrides: dict | list | None = None,
-    device: str | None = None,
-    feature_net: nn.Module | None = None,
-    perceptual: nn.Module | None = None,
-    clip_scorer=None,
-    progress: bool = True,
-    sampler=None,
-) -> tuple[dict, torch.Tensor]:
-    """(result dict, grid images) for one model. ``feature_net`` (default: ``settings.features``), ``perceptual``
-    (default: the configured LPIPS/ST-LPIPS) and ``clip_scorer`` (default: ``load_clip_scorer``) may be
-    injected, e.g. tiny ones in tests."""
-    settings = settings or EvalSettings()
-    settings.check()
-    started = time.perf_counter()
-    device = str(device or resolve_device("auto"))
-    if sampler is None:
-        sampler = load_sampler(model_path, device, settings.steps, settings.guidance, use_ema=settings.use_ema)
-    data_cfg = resolve_data_config(sampler, data_overrides)
-    if sampler.resolution and sampler.resolution != data_cfg.resolution:
-        # real images are compared at the size the model generates
-        data_cfg = dataclasses.replace(data_cfg, resolution=int(sampler.resolution))
-    splits = load_splits(data_cfg)
-    ref_split = splits[settings.split]
-    if len(ref_split) < 2:
-        raise ValueError(f"the '{settings.split}' split has {len(ref_split)} images; it needs at least 2")
-    if isinstance(sampler, SavedSamples):
-        num = len(sampler.records)
-        if num < 2:
-            raise ValueError(f"{sampler.path}: {num} sample selected; FID needs at least 2")
-    else:
-        num = settings.num or len(ref_split)
-    skipped: dict[str, str] = {}
 
-    if feature_net is None:
-        feature_net = load_feature_net(settings.features, device)
-    if perceptual is None and (settings.diversity_samples or (settings.recon_num and sampler.vae is not None)):
-        from pokediff.config import PerceptualConfig
-        from pokediff.models.perceptual import load_perceptual
-
-        run_cfg = _run_config(sampler)
-        perceptual = load_perceptual(run_cfg.perceptual if run_cfg else PerceptualConfig()).to(device)
-    clip_reason = None
-    if settings.clip == "none":
-        clip_scorer, clip_reason = None, "turned off (--clip none)"
-    elif not sampler.text_conditional:
-        clip_scorer, clip_reason = None, f"a {sampler.kind} model is not conditioned on captions"
-    elif clip_scorer is None:
-        clip_scorer, clip_reason = _load_clip(settings, sampler, device)
-    if clip_reason:
-        skipped["clip_score"] = skipped["clip_score_real"] = clip_reason
-
-    # --- the prompts: rows of the protocol's split
-    records = ref_split.remove_columns(data_cfg.image_column)
-    captions_all = [str(c) for c in records[data_cfg.caption_column]]
-    row_dicts = records.to_list()
-    types_by_row = [_primary_type(row) for row in row_dicts]
-    if isinstance(sampler, SavedSamples):
-        # the manifest says what each image was asked for; its rows (this split's captions) give the real ceiling
-        prompts, targets = list(sampler.prompts), [r["target_color"] for r in sampler.records]
-        types = [None] * num
-        rows = [r["row"] for r in sampler.records
-                if r["source"] == settings.split and r.get("row") is not None and 0 <= r["row"] < len(ref_split)]
-        rows = rows or list(range(len(ref_split)))
-    else:
-        rows = _rows_for(ref_split, num, settings.seed)
-        prompts = [captions_all[i] for i in rows]
-        targets = [_target_color(row_dicts[i], captions_all[i]) for i in rows]
-        types = [types_by_row[i] for i in rows]
-
-    # --- generate, streaming features / CLIP / colour per batch
-    fake_feats, clip_scores, predicted, grid = [], [], [], []
-    offset, sample_size = 0, None
-    for batch in sampler.sample(prompts, types, seed=settings.seed, batch_size=settings.batch_size,
-                                progress=progress, desc=f"sampling {num}"):
-        n = batch.shape[0]
-        sample_size = sample_size or int(batch.shape[-1])
-        fake_feats.append(extract_features(batch, feature_net, batch_size=n, progress=False))
-        if clip_scorer is not None:
-            clip_scores.append(clip_scorer.score(batch, prompts[offset:offset + n]).double().cpu())
-        if sampler.text_conditional:
-            predicted.extend(dominant_color(image, sampler.background) for image in batch)
-        if sum(g.shape[0] for g in grid) < settings.grid_size:
-            grid.append(batch[: settings.grid_size - sum(g.shape[0] for g in grid)])
-        offset += n
-    if offset != num:
-        raise RuntimeError(f"the model produced {offset} images, expected {num}")
-    fake = torch.cat(fake_feats)
-    if sample_size != data_cfg.resolution:
-        # real images are compared at the size the model generates
-        data_cfg = dataclasses.replace(data_cfg, resolution=sample_size)
-
-    # --- FID / KID against the (cached) real split
-    reference = reference_features(ref_split, data_cfg, settings.split, feature_net, cache_dir=settings.cache_dir,
-                                   batch_size=settings.batch_size, device=device, progress=progress)
-    metrics: dict = {key: None for key in METRIC_KEYS}
-    metrics["fid"] = frechet_distance(reference.features, fake)
-    kid_mean, kid_std, kid_size = kernel_inception_distance(
-        reference.features, fake, subsets=settings.kid_subsets, subset_size=settings.kid_subset_size,
-        seed=settings.seed,
-    )
-    metrics["kid_mean"], metrics["kid_std"] = kid_mean, kid_std
-
-    # --- memorisation: each sample's nearest training image, against real held-out images' nearest
-    nearest_train = None
-    if settings.memorization:
-        train_split = splits["train"]
-        train_ref = reference if settings.split == "train" else reference_features(
-            train_split, data_cfg, "train", feature_net, cache_dir=settings.cache_dir,
-            batch_size=settings.batch_size, device=device, progress=progress)
-        train_names = [Path(str(e.get("path") or "")).name or f"row {i}"
-                       for i, e in enumerate(train_split[data_cfg.image_column])]
-        mem, nearest_train = memorization_metrics(fake, train_ref.features, reference.features,
-                                                  real_is_train=settings.split == "train", train_names=train_names)
-        metrics.update(mem)
-    else:
-        for key in METRIC_KEYS:
-            if key.startswith("nn_train"):
-                skipped[key] = "turned off (--no-memorization)"
-
-    # --- text alignment, with real images of the same rows as the ceiling
-    real_rows = sorted(set(rows))
-    real_ds = ref_split.select(real_rows)
-    real_captions = [captions_all[i] for i in real_rows]
-    real_clip, real_predicted, start = [], [], 0
-    if clip_scorer is not None or sampler.text_conditional:
-        for batch in real_image_batches(real_ds, data_cfg, settings.batch_size):
-            if clip_scorer is not None:
-                real_clip.append(clip_scorer.score(batch, real_captions[start:start + len(batch)]).double().cpu())
-            real_predicted.extend(dominant_color(image, data_cfg.background) for image in batch)
-            start += len(batch)
-    if clip_scorer is not None:
-        metrics["clip_score"] = float(torch.cat(clip_scores).mean())
-        metrics["clip_score_real"] = float(torch.cat(real_clip).mean())
-    color_confusion = None
-    if sampler.text_conditional:
-        sample_colors = agreement_from_predictions(predicted, targets)
-        real_targets = [_target_color(row_dicts[i], captions_all[i]) for i in real_rows]
-        real_colors = agreement_from_predictions(real_predicted, real_targets)
-        metrics["color_agreement"] = sample_colors["accuracy"]
-        metrics["color_agreement_real"] = real_colors["accuracy"]
-        color_confusion = {"samples": sample_colors["confusion"], "real": real_colors["confusion"]}
-        if sample_colors["accuracy"] is None:
-            skipped["color_agreement"] = skipped["color_agreement_real"] = "no prompt names a colour"
-    else:
-        skipped["color_agreement"] = skipped["color_agreement_real"] = (
-            f"a {sampler.kind} model is not conditioned on captions"
-        )
-
-    # --- diversity: several samples of each of a few prompts; real sprites for scale
-    div_metrics, div_skipped = _diversity(sampler, settings, ref_split, rows, captions_all, types_by_row,
-                                          data_cfg, perceptual, progress)
-    metrics.update(div_metrics)
-    skipped.update(div_skipped)
-
-    freeform_metrics, freeform_skipped = _freeform_colors(sampler, settings, progress)
-    metrics.update(freeform_metrics)
-    skipped.update(freeform_skipped)
-
-    # --- VAE reconstruction on val (test when evaluating on test)
-    recon_metrics, recon_skipped = _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress)
-    metrics.update(recon_metrics)
-    skipped.update(recon_skipped)
-
+def _merge(parts) -> tuple[dict, dict]:
+    """Every metric (None where not computed) and why each missing one is missing, from (metrics, skipped) parts."""
+    metrics, skipped = {key: None for key in METRIC_KEYS}, {}
+    for part_metrics, part_skipped in parts:
+        metrics.update(part_metrics)
+        skipped.update(part_skipped)
     for key, value in metrics.items():
         if value is None and key not in skipped:
             skipped[key] = "not computed"
-    grid_images = torch.cat(grid) if grid else torch.empty(0, 3, 1, 1)
-    result = {
+    return metrics, skipped
+
+
+def _device_name(device: str) -> str:
+    return device + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else
+                     f" ({platform.processor() or platform.machine()})")
+
+
+def _result(model_path, sampler, settings: EvalSettings, *, num, resolution, metrics, skipped, nearest_train,
+            color_confusion, kid_size, clip_scorer, feature_net, perceptual, reference, device, started) -> dict:
+    """The result dict (``RESULT_KEYS``; ``write_result`` stores it as JSON)."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "model": {
             "path": str(Path(model_path if model_path is not None else sampler.path).expanduser().resolve()),
@@ -494,7 +515,7 @@ def evaluate(
         "split": settings.split,
         "num_samples": num,
         "seed": settings.seed,
-        "resolution": int(data_cfg.resolution),
+        "resolution": int(resolution),
         "sampling": {"batch_size": settings.batch_size, "steps": settings.steps, "guidance": settings.guidance},
         "metrics": metrics,
         "nearest_train": nearest_train,
@@ -515,9 +536,80 @@ def evaluate(
             json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()
         ).hexdigest()[:16],
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "device": str(device) + (f" ({torch.cuda.get_device_name()})" if str(device).startswith("cuda") else
-                                 f" ({platform.processor() or platform.machine()})"),
+        "device": _device_name(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def evaluate(
+    model_path,
+    settings: EvalSettings | None = None,
+    data_overrides: dict | list | None = None,
+    device: str | None = None,
+    feature_net: nn.Module | None = None,
+    perceptual: nn.Module | None = None,
+    clip_scorer=None,
+    progress: bool = True,
+    sampler=None,
+) -> tuple[dict, torch.Tensor]:
+    """(result dict, grid images) for one model. ``feature_net`` (default: ``settings.features``), ``perceptual``
+    (default: the configured LPIPS/ST-LPIPS) and ``clip_scorer`` (default: ``load_clip_scorer``) may be
+    injected, e.g. tiny ones in tests."""
+    settings = settings or EvalSettings()
+    settings.check()
+    started = time.perf_counter()
+    device = str(device or resolve_device("auto"))
+
+    # 1. the model, the data it was trained on and the networks that score
+    if sampler is None:
+        sampler = load_sampler(model_path, device, settings.steps, settings.guidance, use_ema=settings.use_ema)
+    data_cfg, splits = _load_data(sampler, settings.split, data_overrides)
+    ref_split = splits[settings.split]
+    num = _sample_count(sampler, settings.num, len(ref_split))
+    feature_net = feature_net if feature_net is not None else load_feature_net(settings.features, device)
+    perceptual = perceptual if perceptual is not None else _perceptual_for(settings, sampler, device)
+    clip_scorer, clip_skip = _clip_for(settings, sampler, clip_scorer, device)
+    uncaptioned = None if sampler.text_conditional else f"a {sampler.kind} model is not conditioned on captions"
+
+    # 2. the prompts: rows of the protocol's split (saved samples: their manifest's)
+    table = _split_rows(ref_split, data_cfg)
+    rows, prompts, targets, types = _prompts_for(sampler, table, settings.split, num, settings.seed)
+
+    # 3. sample once, scoring each batch as it comes
+    batches = sampler.sample(prompts, types, seed=settings.seed, batch_size=settings.batch_size,
+                             progress=progress, desc=f"sampling {num}")
+    samples = _score_images(batches, prompts, feature_net, clip_scorer,
+                            sampler.background if sampler.text_conditional else None, settings.grid_size)
+    if samples.count != num:
+        raise RuntimeError(f"the model produced {samples.count} images, expected {num}")
+    if samples.size != data_cfg.resolution:
+        # real images are compared at the size the model generates
+        data_cfg = dataclasses.replace(data_cfg, resolution=samples.size)
+
+    # 4. the metrics, each (metrics, skipped reasons), against the real images of the split
+    reference = reference_features(ref_split, data_cfg, settings.split, feature_net, cache_dir=settings.cache_dir,
+                                   batch_size=settings.batch_size, device=device, progress=progress)
+    fid_kid, kid_size = _fid_kid(reference.features, samples.features, settings.kid_subsets,
+                                 settings.kid_subset_size, settings.seed)
+    memorization, nearest_train = _memorization(samples.features, reference, settings, splits["train"], data_cfg,
+                                                feature_net, device, progress)
+    real, real_targets = _score_real_rows(ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer,
+                                          colors=sampler.text_conditional)
+    colors, color_confusion = _color_agreement(samples.colors, targets, real.colors, real_targets, uncaptioned)
+    metrics, skipped = _merge([
+        _clip_score(samples.clip_scores, real.clip_scores, clip_skip),
+        fid_kid,
+        memorization,
+        colors,
+        _diversity(sampler, settings, ref_split, rows, table.captions, table.types, data_cfg, perceptual, progress),
+        _freeform_colors(sampler, settings, progress),
+        _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress),
+    ])
+
+    # 5. the result and the grid
+    result = _result(model_path, sampler, settings, num=num, resolution=data_cfg.resolution, metrics=metrics,
+                     skipped=skipped, nearest_train=nearest_train, color_confusion=color_confusion,
+                     kid_size=kid_size, clip_scorer=clip_scorer, feature_net=feature_net, perceptual=perceptual,
+                     reference=reference, device=device, started=started)
     validate_result(result)
-    return result, grid_images
+    return result, torch.cat(samples.grid) if samples.grid else torch.empty(0, 3, 1, 1)
