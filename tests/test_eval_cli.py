@@ -210,3 +210,19 @@ def test_freeform_colour_agreement_scores_the_free_form_prompts():
     assert metrics["color_agreement_freeform"] == pytest.approx(red)
     off = _freeform_colors(_PaintSampler(), EvalSettings(freeform_samples=0), False)
     assert off == ({}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"})
+
+
+def test_metric_parts_give_values_or_reasons_and_merge_into_every_key():
+    from pokediff.eval.runner import _clip_score, _color_agreement, _merge
+
+    (colors, none_skipped), confusion = _color_agreement(["red", "blue"], ["red", "red"], ["red"], ["red"], None)
+    assert colors == {"color_agreement": 0.5, "color_agreement_real": 1.0} and none_skipped == {}
+    assert confusion == {"samples": {"red": {"red": 1, "blue": 1}}, "real": {"red": {"red": 1}}}
+    (_, skipped), _ = _color_agreement(["red"], [None], ["red"], [None], None)
+    assert skipped == {"color_agreement": "no prompt names a colour", "color_agreement_real": "no prompt names a colour"}
+    assert _color_agreement([], [], [], [], "no captions") == (({}, dict.fromkeys(skipped, "no captions")), None)
+    clip = _clip_score(torch.tensor([1.0, 3.0]), torch.tensor([4.0]), None)
+    assert clip == ({"clip_score": 2.0, "clip_score_real": 4.0}, {})
+    metrics, reasons = _merge([clip, (colors, {}), ({}, {"fid": "why"})])
+    assert list(metrics) == list(METRIC_KEYS) and metrics["clip_score"] == 2.0 and metrics["fid"] is None
+    assert reasons["fid"] == "why" and reasons["recon_l1"] == "not computed" and "clip_score" not in reasons

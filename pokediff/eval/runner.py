@@ -264,12 +264,17 @@ def _perceptual_for(settings: EvalSettings, sampler, device):
     return load_perceptual(run_cfg.perceptual if run_cfg else PerceptualConfig()).to(device)
 
 
+def _not_captioned(sampler) -> str | None:
+    """Why the caption metrics (CLIP score, colour agreement) are skipped, or None for a text-conditional model."""
+    return None if sampler.text_conditional else f"a {sampler.kind} model is not conditioned on captions"
+
+
 def _clip_for(settings: EvalSettings, sampler, clip_scorer, device):
     """(CLIP scorer, None), or (None, why the CLIP score is skipped)."""
     if settings.clip == "none":
         return None, "turned off (--clip none)"
     if not sampler.text_conditional:
-        return None, f"a {sampler.kind} model is not conditioned on captions"
+        return None, _not_captioned(sampler)
     if clip_scorer is not None:
         return clip_scorer, None
     return _load_clip(settings, sampler, device)
@@ -445,7 +450,7 @@ def _freeform_colors(sampler, settings, progress):
     from .prompts import FREEFORM_PROMPTS
 
     if not sampler.text_conditional:
-        return {}, {"color_agreement_freeform": f"a {sampler.kind} model is not conditioned on captions"}
+        return {}, {"color_agreement_freeform": _not_captioned(sampler)}
     if not settings.freeform_samples:
         return {}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"}
     if isinstance(sampler, SavedSamples):
@@ -569,7 +574,6 @@ def evaluate(
     feature_net = feature_net if feature_net is not None else load_feature_net(settings.features, device)
     perceptual = perceptual if perceptual is not None else _perceptual_for(settings, sampler, device)
     clip_scorer, clip_skip = _clip_for(settings, sampler, clip_scorer, device)
-    uncaptioned = None if sampler.text_conditional else f"a {sampler.kind} model is not conditioned on captions"
 
     # 2. the prompts: rows of the protocol's split (saved samples: their manifest's)
     table = _split_rows(ref_split, data_cfg)
@@ -595,7 +599,8 @@ def evaluate(
                                                 feature_net, device, progress)
     real, real_targets = _score_real_rows(ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer,
                                           colors=sampler.text_conditional)
-    colors, color_confusion = _color_agreement(samples.colors, targets, real.colors, real_targets, uncaptioned)
+    colors, color_confusion = _color_agreement(samples.colors, targets, real.colors, real_targets,
+                                               _not_captioned(sampler))
     metrics, skipped = _merge([
         _clip_score(samples.clip_scores, real.clip_scores, clip_skip),
         fid_kid,
