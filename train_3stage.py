@@ -178,6 +178,11 @@ def main(argv=None, accelerator=None) -> dict:
         from pokediff.training.stage3_text import train_stage3
 
         outputs["pipeline"] = train_stage3(cfg, vae_path, unet_path, accelerator, resume=resume_for["3"])
+        if cfg.stage3.gate_samples and accelerator.is_main_process:
+            from pokediff.training.stage3_gate import gate_stage3
+
+            outputs["stage3_gate"] = gate_stage3(cfg, run, accelerator.device)["kept"]
+        accelerator.wait_for_everyone()
 
     if cfg.hub.push_to_hub and accelerator.is_main_process:
         outputs["hub_repo"] = push_pipeline(cfg, Path(outputs.get("pipeline", run / "pipeline")))

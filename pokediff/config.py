@@ -221,6 +221,9 @@ class Stage3Config:
     null_anchor_weight: float = 0.0  # MSE of the "" embedding (guidance's unconditional input) to the original
     clip_max_timestep_fraction: float = 0.5  # CLIP term noises to t < this x T (x0 predictions stay legible)
     eval_num_prompts: int = 32  # val captions sampled for the before/after CLIP score
+    # the gate: keep stage 3's text encoder only if colour agreement on this many training captions beats
+    # stage 2's (a judge stage 3 does not train against); 0 keeps stage 3 unjudged
+    gate_samples: int = 128
 
 
 @dataclass
@@ -560,6 +563,7 @@ def _check_stages(c: ConfigChecker) -> None:
     c.non_negative("stage1.l1_weight", "stage1.perceptual_weight", "stage1.kl_weight", "stage1.free_bits")
     c.ints_at_least(0, "stage1.kl_anneal_epochs")
     c.ints_at_least(1, "stage1.num_sample_images", "stage2.sample_images_per_prompt", "stage3.eval_num_prompts")
+    c.ints_at_least(0, "stage3.gate_samples")
     if c.value("stage1.l1_weight") + c.value("stage1.perceptual_weight") == 0:
         c.fail("stage1.l1_weight", c.value("stage1.l1_weight"),
                "must be > 0 when stage1.perceptual_weight is 0 (nothing would teach reconstruction)")

@@ -193,3 +193,79 @@ def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_da
     assert report["steps"] == 2 and report["before"] is not None  # "before" survived the interruption
     steps = [r["step"] for r in read_losses(resumed.parent / "losses.csv") if r["metric"] == "loss"]
     assert steps == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------- the stage-3 gate
+def test_gate_prompts_name_a_colour_and_are_seeded():
+    from pokediff.training.stage3_gate import judge_prompts
+
+    records = [{"color": "Red"}, {"color": ""}, {"color": "teal"}, {"color": None}, {"color": "blue"}]
+    captions = ["a fire type", "a green leafy thing", "a grass type", "no colour here", "a water type"]
+    prompts, targets = judge_prompts(records, captions, num=10, seed=0)
+    # the metadata colour wins; without one, a colour named in the caption; rows naming none are left out
+    assert sorted(zip(prompts, targets)) == [("a fire type", "red"), ("a green leafy thing", "green"),
+                                             ("a water type", "blue")]
+    assert judge_prompts(records, captions, num=2, seed=3) == judge_prompts(records, captions, num=2, seed=3)
+    assert len(judge_prompts(records, captions, num=2, seed=3)[0]) == 2
+
+
+def test_gate_keeps_stage3_only_when_it_is_strictly_better():
+    from pokediff.training.stage3_gate import decide
+
+    assert decide(0.30, 0.35) == "stage3"
+    assert decide(0.30, 0.30) == "stage2"  # a tie is no gain
+    assert decide(0.36, 0.33) == "stage2"
+
+
+def test_gate_colour_agreement_counts_samples_of_the_named_colour():
+    from types import SimpleNamespace
+
+    from pokediff.training.stage3_gate import colour_agreement
+
+    seen_seeds = []
+
+    class SolidColourPipe:  # paints each sample the colour its prompt names; records the seeds it was given
+        config = SimpleNamespace(background=[255, 255, 255])
+        rgb = {"red": (0.9, 0.05, 0.05), "blue": (0.05, 0.1, 0.9)}
+
+        def __call__(self, prompts, generator, output_type):
+            seen_seeds.extend(g.initial_seed() for g in generator)
+            images = torch.ones(len(prompts), 3, 16, 16)
+            for i, p in enumerate(prompts):
+                images[i, :, 4:12, 4:12] = torch.tensor(self.rgb[p]).view(3, 1, 1)
+            return SimpleNamespace(images=images)
+
+    score = colour_agreement(SolidColourPipe(), ["red", "blue", "red"], ["red", "blue", "blue"], seed=5,
+                             batch_size=2)
+    assert score == pytest.approx(2 / 3)
+    assert seen_seeds == [5, 6, 7]  # one seed per sample, whatever the batch size
+
+
+@pytest.mark.parametrize("verdict", ["stage2", "stage3"])
+def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(stage12, stage3_run, tmp_path,
+                                                                        monkeypatch, verdict):
+    import shutil
+
+    from pokediff.training import stage3_gate
+
+    _, text = stage12
+    cfg, pipeline_dir, _ = stage3_run
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_dir.parent, run)  # the module's stage-3 run stays as it was for the other tests
+    scores = []
+    real_decide = stage3_gate.decide
+    monkeypatch.setattr(stage3_gate, "decide", lambda s2, s3: scores.append((s2, s3)) or verdict)
+    result = stage3_gate.gate_stage3(cfg, run, "cpu")
+
+    (s2, s3), = scores
+    assert 0.0 <= s2 <= 1.0 and 0.0 <= s3 <= 1.0 and real_decide(s2, s3) in ("stage2", "stage3")
+    report = json.loads((run / "stage3_metrics.json").read_text())
+    assert report["gate"] == result and result["kept"] == verdict
+    assert (result["stage2_text_encoder"], result["stage3_text_encoder"]) == (s2, s3)
+    assert "before" in report and "after" in report  # stage 3's own record is kept beside the verdict
+    tuned = weights(run / "text_encoder")
+    expected = weights(Path(text)) if verdict == "stage2" else tuned
+    assert_same(weights(run / "pipeline" / "text_encoder"), expected)
+    assert_same(weights(run / "text_encoder"), weights(pipeline_dir.parent / "text_encoder"))  # kept for inspection
+    pipe = PokeSpritePipeline.from_pretrained(str(run / "pipeline"))  # still a whole, loadable pipeline
+    assert pipe.text_encoder is not None

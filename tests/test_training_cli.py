@@ -92,6 +92,9 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
                  "pipeline/README.md", "samples/stage1_epoch0001.png", "samples/stage2_epoch0001.png",
                  "text_encoder/config.json", "pipeline/domain_clip", "stage3_metrics.json"):
         assert (run / name).exists(), name
+    # the stage-3 gate judged stage 3 against stage 2's text encoder and said which the pipeline keeps
+    assert json.loads((run / "stage3_metrics.json").read_text())["gate"]["kept"] == outputs["stage3_gate"]
+    assert outputs["stage3_gate"] in ("stage2", "stage3")
     perceptual = [r["value"] for r in read_losses(run / "losses.csv")
                   if r["stage"] == "stage1" and r["metric"].endswith("perceptual")]
     assert perceptual and all(v > 0 for v in perceptual), perceptual  # the term was computed, not skipped

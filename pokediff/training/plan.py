@@ -83,7 +83,7 @@ def plan_run(cfg, stages: list[str], vae_path: Optional[Path] = None, unet_path:
         if getattr(text_encoder, "pooler", None) is not None:
             text_encoder.pooler.requires_grad_(False)  # as stage 3 does: the pooled output is never used
         plan["stages"]["3"] = {"models": {"text_encoder": count_parameters(text_encoder)},
-                               "clip_source": cfg.clip.source,
+                               "clip_source": cfg.clip.source, "gate_samples": cfg.stage3.gate_samples,
                                **_steps(cfg, cfg.stage3, cached, num_processes)}
     return plan
 
@@ -104,5 +104,8 @@ def format_plan(plan: dict) -> str:
                      f"{entry['checkpoints_written']} written, newest {entry['checkpoints_kept']} kept")
         if "clip_source" in entry:
             lines.append(f"  CLIP: clip.source={entry['clip_source']} (offline: a domain CLIP is fitted first)")
+            gate = entry["gate_samples"]
+            lines.append(f"  gate: kept only if colour agreement on {gate} training captions beats stage 2's text "
+                         f"encoder" if gate else "  gate: off (stage3.gate_samples=0): stage 3 is kept unjudged")
     lines.append("dry run: nothing trained, nothing written")
     return "\n".join(lines)
