@@ -87,7 +87,7 @@ def build_run_config(args: argparse.Namespace):
 
 
 def _stage_of_checkpoint(path: str) -> str:
-    from pokediff.training.common import TRAINING_STATE_NAME, TrainingState
+    from pokediff.training.checkpoints import TRAINING_STATE_NAME, TrainingState
 
     state_file = Path(path).expanduser() / TRAINING_STATE_NAME
     if not state_file.is_file():
@@ -131,7 +131,7 @@ def main(argv=None, accelerator=None) -> dict:
         tokenizer, _ = load_text_encoder(cfg.text_encoder.name)
         return {"data_stats": print_data_stats(cfg.data, tokenizer)}
 
-    from pokediff.training.common import build_accelerator, run_dir
+    from pokediff.training.setup import build_accelerator, run_dir
 
     run = run_dir(cfg)
     stages = list(STAGES) if args.stage == "all" else [args.stage]

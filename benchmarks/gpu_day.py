@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+from pokediff.fileio import write_text_atomic  # noqa: E402
+
 logger = logging.getLogger("gpu_day")
 
 # Seconds each optional phase needs at least on an H200 (estimates; a phase is skipped when fewer are left).
@@ -145,10 +147,7 @@ class Run:
     def write(self) -> None:
         self.summary["elapsed_s"] = round(self.elapsed(), 1)
         self.summary["files"] = sorted(p.name for p in self.out.iterdir() if p.is_file() and not p.name.startswith("."))
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.summary, f, indent=2)
-        os.replace(tmp, self.out / "summary.json")
+        write_text_atomic(self.out / "summary.json", json.dumps(self.summary, indent=2))
 
     def phase(self, name: str, fn, *fn_args):
         """Run one phase: timed, logged, its result (or its error) recorded at once."""
@@ -181,7 +180,8 @@ def _versions() -> dict:
 # ------------------------------------------------------------------------------------------------ phases
 def train_phase(run: Run, args, work: Path) -> dict:
     import train_3stage
-    from pokediff.training.common import build_accelerator, read_losses, run_dir
+    from pokediff.training.metrics import read_losses
+    from pokediff.training.setup import build_accelerator, run_dir
     from pokediff.training.stage1_vae import train_stage1
     from pokediff.training.stage2_unet import train_stage2
     from pokediff.training.stage3_text import train_stage3

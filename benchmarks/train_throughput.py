@@ -168,7 +168,8 @@ class Bench:
         latents = ((m + self.cached_std * eps) * self.scaling).clamp(-clamp, clamp)
         with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return diffusion_loss(model, self.noise_scheduler, latents, self.cached_emb, self.cached_mask,
-                                  self.cfg.stage2, noise=noise, timesteps=t)
+                                  self.cfg.stage2.huber_delta, self.cfg.stage2.min_snr_gamma, noise=noise,
+                                  timesteps=t)
 
     def stock_loss(self, model, step: int, amp_dtype):
         g = self.generator(step)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from pokediff.fileio import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -609,9 +609,5 @@ def config_from_dict(cls, data: dict):
 
 def save_config(cfg, path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

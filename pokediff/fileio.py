@@ -3,7 +3,10 @@
 import os
 import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def swap_into_place(src, dst) -> Path:
@@ -21,3 +24,42 @@ def swap_into_place(src, dst) -> Path:
     else:
         os.replace(src, dst)
     return dst
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_write(path) -> Iterator[Path]:
+    """``with atomic_write(dst) as tmp:`` write a file or a folder at ``tmp`` (a free name beside ``dst``).
+
+    When the block ends, ``tmp`` replaces ``dst`` (``swap_into_place``); when it raises, ``tmp`` is deleted and
+    ``dst`` is left as it was. The parent folder is created; ``tmp`` keeps ``dst``'s suffix for writers that
+    pick a format by extension.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        yield tmp
+        swap_into_place(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """``path.write_text(text)``, but a reader never sees half of it."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    """``path.write_bytes(data)``, but a reader never sees half of it."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

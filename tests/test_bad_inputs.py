@@ -17,7 +17,7 @@ from test_training_cli import tiny_args
 
 import train_3stage
 from pokediff.errors import CheckpointError, report_user_errors, verify_checkpoint_files
-from pokediff.training import common as training_common
+from pokediff.training import setup as training_setup
 from pokediff.training import stage1_vae, stage2_unet
 
 SMALL = {"data.resolution": 64, "runtime.checkpoint_every_steps": 1, "runtime.checkpoints_total_limit": 2}
@@ -168,7 +168,7 @@ def test_one_cycle_survives_runs_shorter_than_the_warmup(total_steps, warmup_fra
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
     with caplog.at_level(logging.WARNING):
-        scheduler = training_common.one_cycle(optimizer, 1e-3, total_steps, warmup_fraction, num_processes=1)
+        scheduler = training_setup.one_cycle(optimizer, 1e-3, total_steps, warmup_fraction, num_processes=1)
     lrs = []
     for _ in range(total_steps):  # the stages step the schedule once per optimizer update
         optimizer.step()
@@ -210,7 +210,7 @@ def test_unwritable_run_folder_names_the_path(tiny_data_root, text_encoder_dir, 
         error.filename = str(path)
         raise error
 
-    monkeypatch.setattr(training_common, "save_config", refuse)
+    monkeypatch.setattr(training_setup, "save_config", refuse)
     line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
                                                            "--stage", "1", "--max-steps", "1"))
     reason = "no space left on device" if error.errno == errno.ENOSPC else "read-only file system"

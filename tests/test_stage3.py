@@ -12,7 +12,7 @@ from pokediff.config import load_config
 from pokediff.models import clip as clip_mod
 from pokediff.models.clip import DomainClipTooWeakError, load_clip_scorer
 from pokediff.pipeline import PokeSpritePipeline, build_noise_scheduler
-from pokediff.training.common import read_losses
+from pokediff.training.metrics import read_losses
 from pokediff.training.stage3_text import predict_x0, train_stage3
 
 RESOLUTION = 64  # as in test_training.py: the real 215 px geometry is exercised by the pipeline tests
@@ -168,7 +168,7 @@ class Interrupt(Exception):
 
 
 def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_data_root, tmp_path, monkeypatch):
-    from pokediff.training.common import CheckpointManager
+    from pokediff.training.checkpoints import CheckpointManager
 
     root, text = stage12
     _, full_pipeline, _ = stage3_run

@@ -11,16 +11,10 @@ from safetensors.torch import load_file
 from tiny import TINY_TEXT_DIM, save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_vae
 
 from pokediff.config import load_config
-from pokediff.training import common
-from pokediff.training.common import (
-    CheckpointManager,
-    GradExplosionDetector,
-    LossLogger,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    TrainingState,
-    read_losses,
-)
+from pokediff.training import checkpoints, guards, seeding, setup
+from pokediff.training.checkpoints import CheckpointManager, TrainingState
+from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard, NonFiniteLossError
+from pokediff.training.metrics import LossLogger, read_losses
 from pokediff.training.stage1_vae import (
     VAETrainingModule,
     _vae_losses,
@@ -57,6 +51,11 @@ def no_text(captions):
     return {}
 
 
+def vae_weights(s1):
+    """The loss weights ``_vae_losses`` takes after its sample_posterior flag."""
+    return s1.l1_weight, s1.perceptual_weight, s1.free_bits
+
+
 # ------------------------------------------------------------------------------------ loss terms
 def test_free_bits_hold_each_channel_at_the_floor():
     mean, logvar = torch.zeros(2, 4, 3, 3, requires_grad=True), torch.zeros(2, 4, 3, 3, requires_grad=True)
@@ -73,10 +72,10 @@ def test_free_bits_hold_each_channel_at_the_floor():
 
 def test_kl_weight_anneals_linearly_then_holds(tmp_path):
     s1 = load_config(overrides={"stage1.kl_weight": 0.1, "stage1.kl_anneal_epochs": 4}).stage1
-    assert kl_weight_at(0, 10, s1) == 0.0
-    assert kl_weight_at(20, 10, s1) == pytest.approx(0.05)
-    assert kl_weight_at(40, 10, s1) == pytest.approx(0.1)
-    assert kl_weight_at(400, 10, s1) == pytest.approx(0.1)
+    assert kl_weight_at(0, 10, s1.kl_weight, s1.kl_anneal_epochs) == 0.0
+    assert kl_weight_at(20, 10, s1.kl_weight, s1.kl_anneal_epochs) == pytest.approx(0.05)
+    assert kl_weight_at(40, 10, s1.kl_weight, s1.kl_anneal_epochs) == pytest.approx(0.1)
+    assert kl_weight_at(400, 10, s1.kl_weight, s1.kl_anneal_epochs) == pytest.approx(0.1)
 
 
 def test_stage1_loss_falls_on_a_fixed_batch(tiny_data_root, text_encoder_dir, tmp_path):
@@ -89,7 +88,7 @@ def test_stage1_loss_falls_on_a_fixed_batch(tiny_data_root, text_encoder_dir, tm
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
     losses = []
     for _ in range(25):
-        loss, parts, recon = _vae_losses(module, batch, None, cfg.stage1, 0.01, no_text, True)
+        loss, parts, recon = _vae_losses(module, batch, None, no_text, 0.01, True, *vae_weights(cfg.stage1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -107,8 +106,8 @@ def test_stage1_perceptual_term_enters_the_loss(tiny_data_root, text_encoder_dir
         return (x - y).pow(2).mean(dim=(1, 2, 3))
 
     torch.manual_seed(0)
-    with_p, parts, recon = _vae_losses(module, batch, perceptual, cfg.stage1, 0.0, no_text, False)
-    without, _, _ = _vae_losses(module, batch, None, cfg.stage1, 0.0, no_text, False)
+    with_p, parts, recon = _vae_losses(module, batch, perceptual, no_text, 0.0, False, *vae_weights(cfg.stage1))
+    without, _, _ = _vae_losses(module, batch, None, no_text, 0.0, False, *vae_weights(cfg.stage1))
     expected = 2.0 * perceptual(recon, batch["pixel_values"]).mean()
     assert (with_p - without).item() == pytest.approx(expected.item(), rel=1e-4)
     assert parts["perceptual"].item() == pytest.approx(expected.item() / 2.0, rel=1e-4)
@@ -130,7 +129,8 @@ def test_stage2_loss_falls_on_a_fixed_batch(prediction_type, gamma):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        loss = diffusion_loss(unet, scheduler, latents, embeddings, masks, cfg.stage2, noise, timesteps)
+        loss = diffusion_loss(unet, scheduler, latents, embeddings, masks, cfg.stage2.huber_delta,
+                              cfg.stage2.min_snr_gamma, noise, timesteps)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -177,7 +177,7 @@ def test_clip_gradients_scales_an_exploding_gradient():
         detector.clip_value(1.0, 100.0)
     layer.weight.grad = torch.full_like(layer.weight, 50.0)
     layer.bias.grad = torch.zeros_like(layer.bias)
-    norm, exploded = common.clip_gradients(acc, layer.parameters(), 100.0, detector)
+    norm, exploded = guards.clip_gradients(acc, layer.parameters(), 100.0, detector)
     assert exploded and norm.item() == pytest.approx(100.0)
     after = torch.cat([layer.weight.grad.flatten(), layer.bias.grad.flatten()]).norm()
     assert after.item() == pytest.approx(1.0, rel=1e-3)
@@ -195,7 +195,7 @@ class RandomItems(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epoch_seeded_augmentation_depends_on_seed_epoch_and_index_only(workers):
-    loader = common.wrap_dataloader_seeded(torch.utils.data.DataLoader(RandomItems(), batch_size=3, num_workers=workers,
+    loader = seeding.wrap_dataloader_seeded(torch.utils.data.DataLoader(RandomItems(), batch_size=3, num_workers=workers,
                                                                        persistent_workers=workers > 0), seed=1)
     assert not loader.persistent_workers
 
@@ -238,17 +238,17 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path, m
     first = manager.save(TrainingState(stage="stage1", global_step=1, epoch=0, batches_in_epoch=1))
 
     _train_step(model, optimizer)
-    real_save = common.Accelerator.save_state
+    real_save = checkpoints.Accelerator.save_state
 
     def crash_half_way(self, output_dir, **kw):
         real_save(self, output_dir, **kw)
         Path(output_dir, "model.safetensors").write_bytes(b"truncated")
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.Accelerator, "save_state", crash_half_way)
+    monkeypatch.setattr(checkpoints.Accelerator, "save_state", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         manager.save(TrainingState(stage="stage1", global_step=2, epoch=0, batches_in_epoch=2))
-    monkeypatch.setattr(common.Accelerator, "save_state", real_save)
+    monkeypatch.setattr(checkpoints.Accelerator, "save_state", real_save)
 
     assert manager.latest() == first
     assert manager.resolve("latest") == first
@@ -289,10 +289,10 @@ def test_loss_logger_drops_rows_past_the_resume_step(tmp_path):
 
 
 def test_mixed_precision_resolution():
-    assert common.resolve_mixed_precision("auto", on_cpu=True) == "no"
-    assert common.resolve_mixed_precision("bf16", on_cpu=True) == "bf16"
+    assert setup.resolve_mixed_precision("auto", on_cpu=True) == "no"
+    assert setup.resolve_mixed_precision("bf16", on_cpu=True) == "bf16"
     with pytest.raises(ValueError, match="mixed_precision"):
-        common.resolve_mixed_precision("fp8", on_cpu=True)
+        setup.resolve_mixed_precision("fp8", on_cpu=True)
 
 
 # -------------------------------------------------------------------------------- whole stages

@@ -14,7 +14,7 @@ from tiny import tiny_config_overrides
 import train_3stage
 from pokediff.config import CONFIG_DIR, ConfigError
 from pokediff.training import plot_losses
-from pokediff.training.common import read_losses
+from pokediff.training.metrics import read_losses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pokediff.data import SpriteDataset, collate_sprites
+from pokediff.fileio import atomic_write
 
 from .fid import extract_features
 
@@ -124,13 +124,7 @@ def reference_features(
         desc=f"real '{split_name}' features", progress=progress, total=-(-len(hf_split) // batch_size),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        metadata = {"split": split_name, "key": key, "feature_net": name, "resolution": str(data_cfg.resolution)}
+    metadata = {"split": split_name, "key": key, "feature_net": name, "resolution": str(data_cfg.resolution)}
+    with atomic_write(path) as tmp:
         save_file({"features": features.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return ReferenceFeatures(features, key, path, cached=False)

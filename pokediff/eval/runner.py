@@ -25,6 +25,7 @@ from torch import nn
 from pokediff.config import DataConfig, config_from_dict, load_config, nest
 from pokediff.device import resolve_device
 from pokediff.data import COLOR_NAMES, SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
+from pokediff.images import save_image_grid
 
 from .color import agreement_from_predictions, color_in_text, dominant_color
 from .diversity import grouped_diversity
@@ -179,24 +180,8 @@ def _load_clip(settings: EvalSettings, sampler, device):
 
 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> Path:
-    """Write images (N,3,H,W) in [0,1] as one PNG grid, atomically."""
-    from torchvision.utils import make_grid
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or max(1, int(np.ceil(np.sqrt(len(images)))))
-    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write images (N,3,H,W) in [0,1] as one PNG grid, atomically (``pokediff.images.save_image_grid``)."""
+    return save_image_grid(images, path, nrow)
 
 
 def write_result(result: dict, path) -> Path:

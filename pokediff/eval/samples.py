@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from pokediff.fileio import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.jsonl"
 RUN_INFO_NAME = "run.json"  # optional: {"data": the DataConfig the rows refer to, "generated_by": ...}
@@ -92,18 +92,6 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Written to a temporary name, then renamed: a cut-short run never leaves half an archive."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def pack_samples(images: Sequence[np.ndarray], records: Sequence[SampleRecord], out_dir, max_archives: int = 2,
                  max_bytes: int = MAX_ARCHIVE_BYTES, workers: int = 8, run_info: Optional[dict] = None) -> dict:
     """Write ``images`` (uint8 HWC) with their ``records`` into ``out_dir/samples-K.tar``; returns a summary.
@@ -142,7 +130,7 @@ def pack_samples(images: Sequence[np.ndarray], records: Sequence[SampleRecord], 
         tars.append((path, data, len(part)))
     archives = []
     for path, data, count in tars:  # written only once every part fits
-        _write_atomic(path, data)
+        write_bytes_atomic(path, data)
         archives.append({"file": path.name, "images": count, "bytes": len(data)})
     errors = [int(np.abs(np.asarray(decode(encoded[i]), dtype=np.int16) - images[i]).max())
               for i in range(0, len(images), max(1, len(images) // 32))]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pokediff.errors import CheckpointError, write_failure
-from pokediff.fileio import swap_into_place
+from pokediff.fileio import atomic_write
 
 MARKER = "gan_checkpoint.json"
 FORMAT = "pokediff-gan-checkpoint"
@@ -81,34 +80,32 @@ def save_gan_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically; ``meta`` is stored in the JSON (it must be JSON-serialisable)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
-        save_file(_tensors_for_file(generator.state_dict()), tmp / "generator.safetensors")
-        save_file(_tensors_for_file(discriminator.state_dict()), tmp / "discriminator.safetensors")
-        if ema_module is not None:
-            save_file(_tensors_for_file(ema_module.state_dict()), tmp / "generator_ema.safetensors")
-        opt_tensors, opt_meta = {}, {}
-        for name, optimizer in optimizers.items():
-            tensors, info = flatten_optimizer_state(optimizer, name)
-            opt_tensors.update(tensors)
-            opt_meta[name] = info
-        save_file(_tensors_for_file(opt_tensors), tmp / "optimizers.safetensors")
-        save_file(_tensors_for_file(extra_tensors or {}), tmp / "extra.safetensors")
-        document = {
-            "format": FORMAT,
-            "version": VERSION,
-            **meta,
-            "generator": {"class": type(generator).__name__, "config": dict(generator.config)},
-            "discriminator": {"class": type(discriminator).__name__, "config": dict(discriminator.config)},
-            "has_ema": ema_module is not None,
-            "optimizers": opt_meta,
-        }
-        (tmp / MARKER).write_text(json.dumps(document, indent=2))
-        swap_into_place(tmp, path)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(path, err) if isinstance(err, Exception) else None
+        with atomic_write(path) as tmp:
+            tmp.mkdir()
+            save_file(_tensors_for_file(generator.state_dict()), tmp / "generator.safetensors")
+            save_file(_tensors_for_file(discriminator.state_dict()), tmp / "discriminator.safetensors")
+            if ema_module is not None:
+                save_file(_tensors_for_file(ema_module.state_dict()), tmp / "generator_ema.safetensors")
+            opt_tensors, opt_meta = {}, {}
+            for name, optimizer in optimizers.items():
+                tensors, info = flatten_optimizer_state(optimizer, name)
+                opt_tensors.update(tensors)
+                opt_meta[name] = info
+            save_file(_tensors_for_file(opt_tensors), tmp / "optimizers.safetensors")
+            save_file(_tensors_for_file(extra_tensors or {}), tmp / "extra.safetensors")
+            document = {
+                "format": FORMAT,
+                "version": VERSION,
+                **meta,
+                "generator": {"class": type(generator).__name__, "config": dict(generator.config)},
+                "discriminator": {"class": type(discriminator).__name__, "config": dict(discriminator.config)},
+                "has_ema": ema_module is not None,
+                "optimizers": opt_meta,
+            }
+            (tmp / MARKER).write_text(json.dumps(document, indent=2))
+    except Exception as err:  # noqa: BLE001 - only write failures are converted, the rest re-raised
+        failure = write_failure(path, err)
         if failure is not None:
             raise failure from err
         raise

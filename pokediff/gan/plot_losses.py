@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from pokediff.curves import moving_average
+
 PANELS = [
     ("losses", ["d_loss", "g_loss"]),
     ("discriminator outputs (real / fake)", ["d_real", "d_fake"]),
@@ -45,18 +47,6 @@ def read_losses(path) -> dict[str, list]:
     if "step" not in columns:
         raise ValueError(f"{path} has no 'step' column; is it a GAN losses.csv?")
     return columns
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over the last ``window`` finite values (nan where none yet)."""
-    out, recent = [], []
-    for v in values:
-        if math.isfinite(v):
-            recent.append(v)
-            if len(recent) > window:
-                recent.pop(0)
-        out.append(sum(recent) / len(recent) if recent else math.nan)
-    return out
 
 
 def _value_range(series: list[list[float]]) -> tuple[float, float]:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pokediff.curves import CsvLog
 from pokediff.config import ConfigError, config_from_dict, nest, parse_override, save_config
 from pokediff.data import TYPE_NAMES, build_dataloader, load_splits, load_sprite_dataset, primary_type_id
 from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_meta, resolve_checkpoint
@@ -29,6 +28,7 @@ from pokediff.device import resolve_device
 from pokediff.errors import report_user_errors, write_failure
 from pokediff.gan.registry import build_models
 from pokediff.gan.trainer import GanTrainer
+from pokediff.images import save_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -102,39 +102,7 @@ def build_pretrain_data(cfg: GanConfig):
 # ------------------------------------------------------------------------------------------ output
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     """Images in [-1, 1] -> one PNG grid, written atomically."""
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_image((images.detach().float().cpu() + 1) / 2, tmp, nrow=nrow, padding=2, pad_value=1.0, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-class LossCsv:
-    """Appends one row per step; on resume, drops rows past the resumed step so the curve has no doubles."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        rows = []
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        elif path.is_file():
-            path.unlink()  # a fresh run in an old folder starts a fresh curve
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-
-    def log(self, row: dict) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+    return save_image_grid((images.detach().float() + 1) / 2, path, nrow=nrow)
 
 
 def _tensorboard(run_dir: Path, enabled: bool):
@@ -169,7 +137,7 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     except OSError as err:
         raise write_failure(run_dir, err) or err
-    t, rt = cfg.train, cfg.runtime
+    train_cfg, rt = cfg.train, cfg.runtime
 
     if resume is not None:
         trainer, state = GanTrainer.from_checkpoint(resume, cfg, device=device)
@@ -182,13 +150,16 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
         fixed_labels = (torch.arange(rt.num_sample_images) % cfg.model.num_classes).to(device)
 
     train_split, trainer.class_counts = build_training_data(cfg)
-    sprites = EpochBatches(_loader(cfg.data, t.batch_size, train_split, rt.seed), rt.seed, trainer.epoch)
+    sprites = EpochBatches(_loader(cfg.data, train_cfg.batch_size, train_split, rt.seed), rt.seed, trainer.epoch)
     pretrain = None
     if cfg.pretrain.dataset and trainer.step < cfg.pretrain.steps:
         pre_cfg, pre_rows = build_pretrain_data(cfg)
-        pretrain = EpochBatches(_loader(pre_cfg, t.batch_size, pre_rows, rt.seed), rt.seed)
+        pretrain = EpochBatches(_loader(pre_cfg, train_cfg.batch_size, pre_rows, rt.seed), rt.seed)
 
-    losses_csv = LossCsv(run_dir / "losses.csv", trainer.step if resume is not None else None)
+    # one row per generator step; a resumed run drops the rows past its checkpoint, a fresh one starts a new curve
+    losses_csv = CsvLog(run_dir / "losses.csv", CSV_FIELDS)
+    resumed_at = trainer.step
+    losses_csv.restart(keep=(lambda row: int(row["step"]) <= resumed_at) if resume is not None else None)
     writer = _tensorboard(run_dir, rt.report_to == "tensorboard")
     extra = {"fixed_noise": fixed_noise, "fixed_labels": fixed_labels}
 
@@ -203,20 +174,21 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
             writer.add_images("samples", (images + 1) / 2, trainer.step)
         return path
 
-    steps_per_epoch = max(len(sprites.loader) // t.n_critic, 1)
+    steps_per_epoch = max(len(sprites.loader) // train_cfg.n_critic, 1)
     trainer.steps_per_epoch = steps_per_epoch  # progan.schedule counts its phases in epochs
-    total = t.max_steps if t.max_steps is not None else cfg.pretrain.steps * bool(pretrain) + t.epochs * steps_per_epoch
+    total = (train_cfg.max_steps if train_cfg.max_steps is not None
+             else cfg.pretrain.steps * bool(pretrain) + train_cfg.epochs * steps_per_epoch)
     started = time.time()
     stop_reason = "max_steps"
     bar = tqdm(total=total, initial=min(trainer.step, total), desc=f"gan:{cfg.model.name}", unit="step")
     try:
         while True:
-            if t.max_steps is not None and trainer.step >= t.max_steps:
+            if train_cfg.max_steps is not None and trainer.step >= train_cfg.max_steps:
                 break
-            if trainer.epoch >= t.epochs:
+            if trainer.epoch >= train_cfg.epochs:
                 stop_reason = "epochs"
                 break
-            if t.max_minutes is not None and time.time() - started >= 60 * t.max_minutes:
+            if train_cfg.max_minutes is not None and time.time() - started >= 60 * train_cfg.max_minutes:
                 stop_reason = "max_minutes"
                 break
             in_pretrain = pretrain is not None and trainer.step < cfg.pretrain.steps
@@ -226,10 +198,9 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
                 **metrics, "lr_g": trainer.opt_g.param_groups[0]["lr"], "lr_d": trainer.opt_d.param_groups[0]["lr"],
                 "seconds": round(time.time() - started, 2),
             }
-            losses_csv.log(row)
+            losses_csv.append([row])
             bar.update(1)
             if trainer.step % rt.log_every_steps == 0:
-                losses_csv.flush()
                 bar.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}")
                 if writer is not None:
                     for key in ("d_loss", "g_loss", "gp", "fm_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm"):
@@ -246,7 +217,6 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
         stop_reason = "interrupted"
     finally:
         bar.close()
-        losses_csv.close()
     grid(f"final_step_{trainer.step:07d}")
     if not list_checkpoints(run_dir) or list_checkpoints(run_dir)[-1].name != f"step_{trainer.step:07d}":
         checkpoint()
@@ -261,21 +231,21 @@ def plan_training(cfg: GanConfig) -> dict:
     from pokediff.training.plan import count_parameters
 
     train_split, _ = build_training_data(cfg)
-    t, rt = cfg.train, cfg.runtime
-    batches = len(train_split) // t.batch_size  # drop_last=True, as in training
+    train_cfg, rt = cfg.train, cfg.runtime
+    batches = len(train_split) // train_cfg.batch_size  # drop_last=True, as in training
     if batches == 0:
-        raise ConfigError(f"train.batch_size={t.batch_size}: larger than the training split "
+        raise ConfigError(f"train.batch_size={train_cfg.batch_size}: larger than the training split "
                           f"({len(train_split)} images); lower the batch size")
-    steps_per_epoch = max(batches // t.n_critic, 1)
+    steps_per_epoch = max(batches // train_cfg.n_critic, 1)
     pretrain_steps = cfg.pretrain.steps if cfg.pretrain.dataset else 0
-    total = pretrain_steps + t.epochs * steps_per_epoch  # training stops at train.epochs or train.max_steps
-    if t.max_steps is not None:
-        total = min(total, t.max_steps)
+    total = pretrain_steps + train_cfg.epochs * steps_per_epoch  # training stops at train.epochs or train.max_steps
+    if train_cfg.max_steps is not None:
+        total = min(total, train_cfg.max_steps)
     generator, discriminator = build_models(cfg)
     return {
-        "model": cfg.model.name, "train_images": len(train_split), "batch_size": t.batch_size,
+        "model": cfg.model.name, "train_images": len(train_split), "batch_size": train_cfg.batch_size,
         "generator": count_parameters(generator)[0], "discriminator": count_parameters(discriminator)[0],
-        "steps_per_epoch": steps_per_epoch, "total_steps": total, "max_minutes": t.max_minutes,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "max_minutes": train_cfg.max_minutes,
         "checkpoint_every_steps": rt.checkpoint_every_steps,
         "checkpoints_written": total // rt.checkpoint_every_steps + (total % rt.checkpoint_every_steps != 0),
         "checkpoints_kept": rt.checkpoints_total_limit, "run_dir": str(default_run_dir(cfg)),

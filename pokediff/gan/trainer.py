@@ -31,10 +31,11 @@ class GanTrainer:
         generator, discriminator = build_models(cfg)
         self.generator = generator.to(self.device)
         self.discriminator = discriminator.to(self.device)
-        t = cfg.train
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
-        self.ema = GeneratorEMA(self.generator, t.ema_decay) if t.ema_decay else None
+        train_cfg = cfg.train
+        betas = (train_cfg.beta1, train_cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=train_cfg.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=train_cfg.lr_d, betas=betas)
+        self.ema = GeneratorEMA(self.generator, train_cfg.ema_decay) if train_cfg.ema_decay else None
         self.step = 0  # generator updates so far
         self.epoch = 0  # passes over the data completed
         self.class_counts: list[int] | None = None  # primary-type histogram of the training data
@@ -143,7 +144,7 @@ class GanTrainer:
     # ------------------------------------------------------------------------------- the step
     def train_step(self, next_batch: BatchFn) -> dict:
         """``next_batch()`` -> (images (B,3,R,R) in [-1,1], primary type ids (B,)). Returns float metrics."""
-        t = self.cfg.train
+        train_cfg = self.cfg.train
         G, D = self.generator, self.discriminator
         G.train()
         D.train()
@@ -155,7 +156,7 @@ class GanTrainer:
         skipped = 0
 
         D.requires_grad_(True)
-        for _ in range(t.n_critic):
+        for _ in range(train_cfg.n_critic):
             real, labels = next_batch()
             real, labels = self.prepare_real(real), self._labels(labels)
             batch = real.shape[0]
@@ -164,10 +165,11 @@ class GanTrainer:
             real_in, fake_in = self.augment(real), self.augment(fake)
             out_real, features_real = D(real_in, labels, return_features=True, **d_kwargs)
             out_fake = D(fake_in, labels, **d_kwargs)
-            if t.loss == "bce":
+            if train_cfg.loss == "bce":
                 targets = dict(
-                    smoothing=t.label_smoothing, real_range=t.real_label_range, fake_range=t.fake_label_range,
-                    flip_prob=t.label_flip_prob, device=self.device, generator=self.noise_rng,
+                    smoothing=train_cfg.label_smoothing, real_range=train_cfg.real_label_range,
+                    fake_range=train_cfg.fake_label_range, flip_prob=train_cfg.label_flip_prob, device=self.device,
+                    generator=self.noise_rng,
                 )
                 targets_real = losses.discriminator_targets(batch, real=True, **targets)
                 targets_fake = losses.discriminator_targets(batch, real=False, **targets)
@@ -176,13 +178,13 @@ class GanTrainer:
                 else:
                     d_loss = losses.bce_discriminator_loss(out_real, out_fake, targets_real, targets_fake)
             else:
-                d_loss = losses.wasserstein_critic_loss(out_real, out_fake, drift=t.drift)
+                d_loss = losses.wasserstein_critic_loss(out_real, out_fake, drift=train_cfg.drift)
             gp = zero
-            if t.lambda_gp > 0:
+            if train_cfg.lambda_gp > 0:
                 gp = losses.gradient_penalty(
                     lambda x: self._score(D(x, labels, **d_kwargs)), real_in, fake_in, self.noise_rng
                 )
-            d_total = d_loss + t.lambda_gp * gp
+            d_total = d_loss + train_cfg.lambda_gp * gp
             self.opt_d.zero_grad(set_to_none=True)
             if self._check_finite(d_total, "discriminator loss"):
                 d_total.backward()
@@ -197,12 +199,12 @@ class GanTrainer:
         out_gen, features_fake = D(self.augment(fake), labels, return_features=True, **d_kwargs)
         if self.n_plus_one:
             g_loss = losses.n_plus_one_generator_loss(out_gen, labels)
-        elif t.loss == "bce":
+        elif train_cfg.loss == "bce":
             g_loss = losses.bce_generator_loss(out_gen)
         else:
             g_loss = losses.wasserstein_generator_loss(out_gen)
-        fm = losses.feature_matching_loss(features_real, features_fake) if t.feature_matching > 0 else zero
-        g_total = g_loss + t.feature_matching * fm
+        fm = losses.feature_matching_loss(features_real, features_fake) if train_cfg.feature_matching > 0 else zero
+        g_total = g_loss + train_cfg.feature_matching * fm
         self.opt_g.zero_grad(set_to_none=True)
         if self._check_finite(g_total, "generator loss"):
             g_total.backward()

@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pokediff.errors import PokediffError
+from pokediff.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -272,19 +271,11 @@ def _hf_arches() -> set:
 def save_domain_clip(model: DomainCLIP, tokenizer, path, metrics: dict | None = None) -> Path:
     """``path/`` = config.json + safetensors weights + tokenizer/ (+ retrieval_metrics.json), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    try:
+    with atomic_write(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "tokenizer")
         if metrics is not None:
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from pokediff.training.common import optimizer_steps
+from pokediff.training.setup import optimizer_steps
 
 
 def count_parameters(model) -> tuple[int, int]:

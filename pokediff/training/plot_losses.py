@@ -14,24 +14,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pokediff.training.common import read_losses
+from pokediff.curves import moving_average
+from pokediff.training.metrics import read_losses
 
 # bookkeeping columns that are not worth a panel by default
 HIDDEN_METRICS = {"updated", "grad_explosion"}
 PANEL_W, PANEL_H, MARGIN = 420, 260, 48
 RAW_COLOUR, SMOOTH_COLOUR, VAL_COLOUR = (170, 190, 230), (30, 70, 170), (200, 60, 40)
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    if window <= 1:
-        return list(values)
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def _fmt(v: float) -> str:

@@ -12,38 +12,24 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pokediff.config import ConfigError
 from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.perceptual import load_perceptual
 from pokediff.models.vae import SpriteVAE, build_vae
-from pokediff.training.common import (
-    CheckpointManager,
-    GradExplosionDetector,
-    LossLogger,
-    NonFiniteGuard,
-    OptimizerStepper,
-    atomic_save_pretrained,
-    build_accelerator,
-    end_stage,
-    epoch_batches,
-    log_image_grid,
-    log_metrics,
-    maybe_compile,
-    one_cycle,
-    optimizer_steps,
-    resume_or_start,
-    save_image_grid,
-    save_training_checkpoint,
-    seed_step,
-    start_stage,
-    to_channels_last,
-    unwrap,
-    wrap_dataloader_seeded,
-)
+from pokediff.images import save_image_grid
+from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
+from pokediff.training.loop import run_epochs, start_training
+from pokediff.training.metrics import log_image_grid
+from pokediff.training.seeding import wrap_dataloader_seeded
+from pokediff.training.setup import build_accelerator, maybe_compile, start_stage, to_channels_last, unwrap
 
 logger = logging.getLogger(__name__)
 STAGE = "stage1"
+
+
+def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) of each latent element, in float32."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
 
 
 def kl_with_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,17 +38,16 @@ def kl_with_free_bits(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float
     Free bits: a channel whose average KL is below ``free_bits`` nats contributes the constant ``free_bits``,
     so the KL pressure cannot collapse it to the prior (posterior collapse).
     """
-    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
-    per_channel = kl.mean(dim=(0, 2, 3))
+    per_channel = kl_per_element(mean, logvar).mean(dim=(0, 2, 3))
     return per_channel.clamp(min=free_bits).sum(), per_channel.sum()
 
 
-def kl_weight_at(step: int, updates_per_epoch: int, stage_cfg) -> float:
-    """Linear KL annealing 0 -> ``kl_weight`` over ``kl_anneal_epochs`` (fractional epochs)."""
-    if stage_cfg.kl_anneal_epochs <= 0:
-        return stage_cfg.kl_weight
-    progress = step / (updates_per_epoch * stage_cfg.kl_anneal_epochs)
-    return stage_cfg.kl_weight * min(1.0, progress)
+def kl_weight_at(step: int, updates_per_epoch: int, kl_weight: float, anneal_epochs: float) -> float:
+    """Linear KL annealing 0 -> ``kl_weight`` over ``anneal_epochs`` (fractional epochs)."""
+    if anneal_epochs <= 0:
+        return kl_weight
+    progress = step / (updates_per_epoch * anneal_epochs)
+    return kl_weight * min(1.0, progress)
 
 
 class VAETrainingModule(torch.nn.Module):
@@ -107,19 +92,40 @@ class _TextConditioner:
                 "encoder_attention_mask": mask}
 
 
-def _vae_losses(module, batch, perceptual, stage_cfg, kl_weight: float, text, sample_posterior: bool):
+def _vae_losses(module, batch, perceptual, text, kl_weight: float, sample_posterior: bool, l1_weight: float,
+                perceptual_weight: float, free_bits: float):
+    """(loss, its logged parts, reconstruction) of one batch."""
     pixels = batch["pixel_values"]
     recon, mean, logvar = module(pixels, sample_posterior=sample_posterior, **text(batch["text"]))
     recon = recon.float()
     l1 = (recon - pixels.float()).abs().mean()
     perc = perceptual(recon, pixels.float()).mean() if perceptual is not None else torch.zeros((), device=l1.device)
-    kl_term, kl_raw = kl_with_free_bits(mean, logvar, stage_cfg.free_bits)
-    loss = stage_cfg.l1_weight * l1 + stage_cfg.perceptual_weight * perc + kl_weight * kl_term
+    kl_term, kl_raw = kl_with_free_bits(mean, logvar, free_bits)
+    loss = l1_weight * l1 + perceptual_weight * perc + kl_weight * kl_term
     return loss, {"l1": l1.detach(), "perceptual": perc.detach(), "kl": kl_raw.detach()}, recon
 
 
+class VAELoss:
+    """Stage 1's training loss: L1 + perceptual + KL with free bits, the KL weight annealed by step."""
+
+    def __init__(self, module, perceptual, text, *, l1_weight: float, perceptual_weight: float, kl_weight: float,
+                 kl_anneal_epochs: float, free_bits: float, updates_per_epoch: int):
+        self.module, self.perceptual, self.text = module, perceptual, text
+        self.l1_weight, self.perceptual_weight, self.free_bits = l1_weight, perceptual_weight, free_bits
+        self.kl_weight, self.kl_anneal_epochs = kl_weight, kl_anneal_epochs
+        self.updates_per_epoch = updates_per_epoch
+
+    def __call__(self, batch, step: int):
+        kl_weight = kl_weight_at(step, self.updates_per_epoch, self.kl_weight, self.kl_anneal_epochs)
+        # positional: tests wrap _vae_losses as (module, batch, *args)
+        loss, parts, _ = _vae_losses(self.module, batch, self.perceptual, self.text, kl_weight, True,
+                                     self.l1_weight, self.perceptual_weight, self.free_bits)
+        return loss, {**parts, "kl_weight": kl_weight}
+
+
 @torch.no_grad()
-def evaluate_vae(accelerator, module, loader, perceptual, stage_cfg, text) -> float:
+def evaluate_vae(accelerator, module, loader, perceptual, text, *, l1_weight: float, perceptual_weight: float,
+                 kl_weight: float, free_bits: float) -> float:
     """Mean per-image val loss: posterior mode and the final KL weight, so epochs compare while annealing."""
     module.eval()
     per_image = []
@@ -129,11 +135,11 @@ def evaluate_vae(accelerator, module, loader, perceptual, stage_cfg, text) -> fl
             recon, mean, logvar = module(batch["pixel_values"], sample_posterior=False, **text(batch["text"]))
             perc = perceptual(recon.float(), pixels) if perceptual is not None else None
         recon = recon.float()
-        loss = stage_cfg.l1_weight * (recon - pixels).abs().mean(dim=(1, 2, 3))
+        loss = l1_weight * (recon - pixels).abs().mean(dim=(1, 2, 3))
         if perc is not None:
-            loss = loss + stage_cfg.perceptual_weight * perc.float().view(-1)
-        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
-        loss = loss + stage_cfg.kl_weight * kl.mean(dim=(2, 3)).clamp(min=stage_cfg.free_bits).sum(dim=1)
+            loss = loss + perceptual_weight * perc.float().view(-1)
+        kl = kl_per_element(mean, logvar)
+        loss = loss + kl_weight * kl.mean(dim=(2, 3)).clamp(min=free_bits).sum(dim=1)
         per_image.append(accelerator.gather_for_metrics(loss))
     module.train()
     return float(torch.cat(per_image).mean())
@@ -198,76 +204,41 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=s1.learning_rate, weight_decay=s1.weight_decay)
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
-    updates_per_epoch, total_steps = optimizer_steps(
-        len(train_loader), s1.epochs, accelerator.gradient_accumulation_steps, rt.max_steps
-    )
-    lr_scheduler = accelerator.prepare(
-        one_cycle(optimizer, s1.learning_rate, total_steps, s1.warmup_fraction, accelerator.num_processes)
-    )
-
-    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
-    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
-    detector = GradExplosionDetector(rt.grad_explosion_factor)
-    stepper = OptimizerStepper(accelerator, module, optimizer, lr_scheduler, s1.grad_clip, guard, detector)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
-    losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
-
-    state = resume_or_start(accelerator, checkpoints, checkpoints.resolve(resume), total_steps, guard, detector,
-                            losses)
+    training = start_training(
+        accelerator, STAGE, module, optimizer, train_loader, checkpoints, checkpoints.resolve(resume),
+        folder / "losses.csv", epochs=s1.epochs, learning_rate=s1.learning_rate, warmup_fraction=s1.warmup_fraction,
+        grad_clip=s1.grad_clip, max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
+        grad_explosion_factor=rt.grad_explosion_factor,
+    )
+    state = training.state
+    loss = VAELoss(module, perceptual, text, l1_weight=s1.l1_weight, perceptual_weight=s1.perceptual_weight,
+                   kl_weight=s1.kl_weight, kl_anneal_epochs=s1.kl_anneal_epochs, free_bits=s1.free_bits,
+                   updates_per_epoch=training.updates_per_epoch)
 
     fixed = next(iter(build_dataloader(cfg.data, "val", s1.num_sample_images, shuffle=False, dataset=splits["val"])))
     fixed_images = fixed["pixel_values"].to(accelerator.device)
 
-    def save_checkpoint():
-        save_training_checkpoint(checkpoints, state, guard, detector)
-
     def validate_and_keep_best():
-        val_loss = evaluate_vae(accelerator, module, val_loader, perceptual, s1, text)
-        log_metrics(accelerator, losses, state.global_step, state.epoch, {"val_loss": val_loss})
+        val_loss = evaluate_vae(accelerator, module, val_loader, perceptual, text, l1_weight=s1.l1_weight,
+                                perceptual_weight=s1.perceptual_weight, kl_weight=s1.kl_weight,
+                                free_bits=s1.free_bits)
+        training.log({"val_loss": val_loss})
         if val_loss < state.best_val_loss:
             state.best_val_loss = val_loss
             if accelerator.is_main_process:
                 atomic_save_pretrained(unwrap(accelerator, module).vae, vae_dir)
         accelerator.wait_for_everyone()
 
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="stage 1 (VAE)",
-                    disable=not accelerator.is_local_main_process)
-    module.train()
-    for epoch in range(state.epoch, s1.epochs):
-        if state.global_step >= total_steps:
-            break
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        state.epoch, state.batches_in_epoch = epoch, skip
-        for batch in epoch_batches(accelerator, train_loader, epoch, skip):
-            seed_step(rt.seed, state.batches_in_epoch, accelerator.process_index, f"{STAGE}:{epoch}")
-            kl_weight = kl_weight_at(state.global_step, updates_per_epoch, s1)
-            with accelerator.accumulate(module):
-                loss, parts, _ = _vae_losses(module, batch, perceptual, s1, kl_weight, text, True)
-                metrics = stepper.step(loss, state.global_step)
-            state.batches_in_epoch += 1
-            if metrics is None:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log_metrics(accelerator, losses, state.global_step, epoch,
-                        {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "kl_weight": kl_weight,
-                         **metrics})
-            if state.global_step % rt.checkpoint_every_steps == 0 and state.global_step < total_steps:
-                save_checkpoint()
-            if state.global_step >= total_steps:
-                break
-        epoch_done = state.batches_in_epoch >= len(train_loader)
-        if epoch_done or state.global_step >= total_steps:
-            validate_and_keep_best()
-            sample_now = (epoch + 1) % rt.sample_every_epochs == 0 or state.global_step >= total_steps
-            if accelerator.is_main_process and sample_now:
-                grid = save_reconstruction_grid(accelerator, module, fixed_images, fixed["text"], text,
-                                                folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
-                log_image_grid(accelerator, "reconstructions", grid, state.global_step)
-        if epoch_done:
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-    progress.close()
+    def end_of_epoch(epoch: int, finished: bool):
+        validate_and_keep_best()
+        if accelerator.is_main_process and (finished or (epoch + 1) % rt.sample_every_epochs == 0):
+            grid = save_reconstruction_grid(accelerator, module, fixed_images, fixed["text"], text,
+                                            folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
+            log_image_grid(accelerator, "reconstructions", grid, state.global_step)
+
+    run_epochs(training, loss, epochs=s1.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
+               desc="stage 1 (VAE)", end_of_epoch=end_of_epoch)
     if not vae_dir.is_dir():  # resumed from a final checkpoint whose best weights were lost
         validate_and_keep_best()
     if not vae_dir.is_dir():
@@ -275,7 +246,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
             f"stage 1 ended without usable weights: every validation loss was NaN/inf, so {vae_dir} was never "
             "written; lower stage1.learning_rate or check the data, then train stage 1 again"
         )
-    save_checkpoint()  # final
+    training.save_checkpoint()  # final
 
     # The scaling factor is a property of the best weights, computed once on clean (un-augmented) train images.
     if accelerator.is_main_process:
@@ -291,8 +262,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
             best.register_to_config(latents_mean=channel_mean, latents_std=channel_std)
         best.register_to_config(scaling_factor=factor)
         atomic_save_pretrained(best, vae_dir)
-        log_metrics(accelerator, losses, state.global_step, state.epoch, {"scaling_factor": factor})
+        training.log({"scaling_factor": factor})
         logger.info("stage 1 done: best val loss %.4f, scaling factor %.4f -> %s", state.best_val_loss, factor, vae_dir)
-    checkpoints.close()
-    end_stage(accelerator)
+    training.close()
     return vae_dir

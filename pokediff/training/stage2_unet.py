@@ -22,34 +22,16 @@ from tqdm.auto import tqdm
 
 from pokediff.config import ConfigError
 from pokediff.errors import NoUsableWeightsError
+from pokediff.images import save_image_grid
 from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_captions
 from pokediff.models.text import load_text_encoder
 from pokediff.models.unet import build_unet
 from pokediff.models.vae import SpriteVAE
 from pokediff.pipeline import PokeSpritePipeline, build_inference_scheduler, build_noise_scheduler
-from pokediff.training.common import (
-    CheckpointManager,
-    GradExplosionDetector,
-    LossLogger,
-    NonFiniteGuard,
-    OptimizerStepper,
-    atomic_save_pretrained,
-    build_accelerator,
-    end_stage,
-    epoch_batches,
-    log_image_grid,
-    log_metrics,
-    maybe_compile,
-    one_cycle,
-    optimizer_steps,
-    resume_or_start,
-    save_image_grid,
-    save_training_checkpoint,
-    seed_step,
-    start_stage,
-    to_channels_last,
-    unwrap,
-)
+from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
+from pokediff.training.loop import run_epochs, start_training
+from pokediff.training.metrics import log_image_grid
+from pokediff.training.setup import build_accelerator, maybe_compile, start_stage, to_channels_last, unwrap
 
 logger = logging.getLogger(__name__)
 STAGE = "stage2"
@@ -144,8 +126,10 @@ def log_latent_range(cache: LatentTextCache, scale, clamp: float) -> float:
     return clamped
 
 
-def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, stage_cfg, noise=None, timesteps=None):
-    """Huber loss on the epsilon / v target at uniform timesteps, optionally Min-SNR weighted (per sample mean)."""
+def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, huber_delta: float,
+                   min_snr_gamma: Optional[float], noise=None, timesteps=None):
+    """Huber loss (``huber_delta``) on the epsilon / v target at uniform timesteps, Min-SNR weighted when
+    ``min_snr_gamma`` is set (per sample mean)."""
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
@@ -160,31 +144,32 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, stage_cfg,
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     pred = unet(noisy, timesteps, encoder_hidden_states=embeddings, encoder_attention_mask=masks).sample
-    loss = F.smooth_l1_loss(pred.float(), target.float(), beta=stage_cfg.huber_delta, reduction="none")
+    loss = F.smooth_l1_loss(pred.float(), target.float(), beta=huber_delta, reduction="none")
     loss = loss.mean(dim=list(range(1, loss.ndim)))
-    if stage_cfg.min_snr_gamma is not None:
+    if min_snr_gamma is not None:
         # Min-SNR-gamma (Hang et al. 2023), as in diffusers' train_text_to_image.py
         snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=stage_cfg.min_snr_gamma)
+        weight = torch.clamp(snr, max=min_snr_gamma)
         weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
     return loss.mean()
 
 
 @torch.no_grad()
-def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scale, stage_cfg, seed: int,
-                    batch_size: int) -> float:
+def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scale, *, latent_clamp: float,
+                    huber_delta: float, min_snr_gamma: Optional[float], seed: int, batch_size: int) -> float:
     """Denoising loss on the val posterior means with fixed noise and timesteps (comparable across epochs)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(cache), batch_size):
         index = torch.arange(start, min(start + batch_size, len(cache)), device=cache.mean.device)
-        latents = scale(cache.mean[index]).clamp(-stage_cfg.latent_clamp, stage_cfg.latent_clamp)
+        latents = scale(cache.mean[index]).clamp(-latent_clamp, latent_clamp)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
                                   generator=generator).to(latents.device)
         embeddings, masks = cache.text(index)
-        loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, stage_cfg, noise, timesteps)
+        loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, huber_delta, min_snr_gamma,
+                              noise, timesteps)
         total += float(loss) * len(index)
         count += len(index)
     return total / max(count, 1)
@@ -204,22 +189,52 @@ def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer) -> PokeSpritePipe
     return pipe
 
 
+class DiffusionLoss:
+    """Stage 2's training loss on a batch of cache indices: a fresh posterior sample of each latent (scaled and
+    clamped), one caption variant each, caption dropout to the "" embedding, then ``diffusion_loss``."""
+
+    def __init__(self, unet, noise_scheduler, cache: LatentTextCache, scale, *, latent_clamp: float,
+                 caption_dropout: float, huber_delta: float, min_snr_gamma: Optional[float], device):
+        self.unet, self.noise_scheduler, self.cache, self.scale = unet, noise_scheduler, cache, scale
+        self.latent_clamp, self.caption_dropout = latent_clamp, caption_dropout
+        self.huber_delta, self.min_snr_gamma = huber_delta, min_snr_gamma
+        self.device = device
+
+    def __call__(self, index: torch.Tensor, step: int):
+        cache, index = self.cache, index.to(self.device)
+        # a fresh posterior sample every time an entry is visited, in the scaled, clamped latent range
+        mean, std = cache.mean[index], cache.std[index]
+        latents = self.scale(mean + std * torch.randn_like(mean)).clamp(-self.latent_clamp, self.latent_clamp)
+        embeddings, masks = cache.sample_text(index)
+        drop = torch.rand(index.shape[0], device=self.device) < self.caption_dropout
+        embeddings = torch.where(drop[:, None, None], cache.null_embedding, embeddings)
+        masks = torch.where(drop[:, None], cache.null_mask, masks)
+        loss = diffusion_loss(self.unet, self.noise_scheduler, latents, embeddings, masks, self.huber_delta,
+                              self.min_snr_gamma)
+        return loss, {}
+
+
 @torch.no_grad()
-def sample_grid(cfg, pipe: PokeSpritePipeline, path) -> Path:
-    """Fixed prompts x fixed noise (one generator per image) -> a grid, one row per prompt."""
-    s2 = cfg.stage2
-    prompts = list(s2.sample_prompts)
-    n = s2.sample_images_per_prompt
-    generators = [torch.Generator(device="cpu").manual_seed(cfg.runtime.seed + i) for i in range(len(prompts) * n)]
+def sample_grid(pipe: PokeSpritePipeline, path, prompts, images_per_prompt: int, seed: int,
+                num_inference_steps: int, guidance_scale: float) -> Path:
+    """Fixed prompts x fixed noise (generator ``seed + i`` for image ``i``) -> a grid, one row per prompt."""
+    prompts = list(prompts)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts) * images_per_prompt)]
     images = pipe(
         prompts,
-        num_images_per_prompt=n,
+        num_images_per_prompt=images_per_prompt,
         generator=generators,
-        num_inference_steps=cfg.scheduler.num_inference_steps,
-        guidance_scale=cfg.scheduler.guidance_scale,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
         output_type="pt",
     ).images
-    return save_image_grid(images, path, nrow=n)
+    return save_image_grid(images, path, nrow=images_per_prompt)
+
+
+def stage2_sample_grid(cfg, pipe: PokeSpritePipeline, path) -> Path:
+    """``sample_grid`` of ``stage2.sample_prompts`` with the run's seed and sampler settings."""
+    return sample_grid(pipe, path, cfg.stage2.sample_prompts, cfg.stage2.sample_images_per_prompt, cfg.runtime.seed,
+                       cfg.scheduler.num_inference_steps, cfg.scheduler.guidance_scale)
 
 
 def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) -> Path:
@@ -270,28 +285,20 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=s2.learning_rate, weight_decay=s2.weight_decay)
     unet = maybe_compile(unet, rt.compile)
     unet, optimizer, train_loader = accelerator.prepare(unet, optimizer, train_loader)
-    updates_per_epoch, total_steps = optimizer_steps(
-        len(train_loader), s2.epochs, accelerator.gradient_accumulation_steps, rt.max_steps
-    )
-    lr_scheduler = accelerator.prepare(
-        one_cycle(optimizer, s2.learning_rate, total_steps, s2.warmup_fraction, accelerator.num_processes)
-    )
-
-    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
-    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
-    detector = GradExplosionDetector(rt.grad_explosion_factor)
-    stepper = OptimizerStepper(accelerator, unet, optimizer, lr_scheduler, s2.grad_clip, guard, detector, ema=ema)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit,
                                     ema=ema, ema_model_cls=UNet2DConditionModel)
-    losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
+    training = start_training(
+        accelerator, STAGE, unet, optimizer, train_loader, checkpoints, checkpoints.resolve(resume),
+        folder / "losses.csv", epochs=s2.epochs, learning_rate=s2.learning_rate, warmup_fraction=s2.warmup_fraction,
+        grad_clip=s2.grad_clip, max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
+        grad_explosion_factor=rt.grad_explosion_factor, ema=ema,
+    )
+    state = training.state
+    loss = DiffusionLoss(unet, noise_scheduler, train_cache, scale, latent_clamp=s2.latent_clamp,
+                         caption_dropout=cfg.data.caption_dropout, huber_delta=s2.huber_delta,
+                         min_snr_gamma=s2.min_snr_gamma, device=device)
 
-    state = resume_or_start(accelerator, checkpoints, checkpoints.resolve(resume), total_steps, guard, detector,
-                            losses)
-
-    def save_checkpoint():
-        save_training_checkpoint(checkpoints, state, guard, detector)
-
-    def evaluate_with_ema(epoch: int, with_samples: bool):
+    def evaluate_with_ema(epoch: int, finished: bool):
         """Val loss (and sample grid) with the EMA weights, on the main process; best EMA -> unet_best/."""
         if accelerator.is_main_process:
             model = unwrap(accelerator, unet)
@@ -300,16 +307,17 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             model.eval()
             try:
                 with accelerator.autocast():
-                    val_loss = validation_loss(model, noise_scheduler, val_cache, scale, s2, rt.seed,
-                                               s2.batch_size)
-                log_metrics(accelerator, losses, state.global_step, epoch, {"val_loss": val_loss})
+                    val_loss = validation_loss(model, noise_scheduler, val_cache, scale, latent_clamp=s2.latent_clamp,
+                                               huber_delta=s2.huber_delta, min_snr_gamma=s2.min_snr_gamma,
+                                               seed=rt.seed, batch_size=s2.batch_size)
+                training.log({"val_loss": val_loss}, epoch)
                 if val_loss < state.best_val_loss:
                     state.best_val_loss = val_loss
                     atomic_save_pretrained(model, folder / "unet_best")
-                if with_samples:
+                if finished or (epoch + 1) % rt.sample_every_epochs == 0:
                     pipe = assemble_pipeline(cfg, vae, model, text_encoder, tokenizer)
                     with accelerator.autocast():
-                        grid = sample_grid(cfg, pipe, folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
+                        grid = stage2_sample_grid(cfg, pipe, folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
                     log_image_grid(accelerator, "samples", grid, state.global_step)
             finally:
                 model.train()
@@ -318,51 +326,14 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             state.best_val_loss = float(broadcast(torch.tensor([state.best_val_loss], device=device), from_process=0))
         accelerator.wait_for_everyone()
 
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="stage 2 (U-Net)",
-                    disable=not accelerator.is_local_main_process)
-    unet.train()
-    for epoch in range(state.epoch, s2.epochs):
-        if state.global_step >= total_steps:
-            break
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        state.epoch, state.batches_in_epoch = epoch, skip
-        for index in epoch_batches(accelerator, train_loader, epoch, skip):
-            seed_step(rt.seed, state.batches_in_epoch, accelerator.process_index, f"{STAGE}:{epoch}")
-            index = index.to(device)
-            # a fresh posterior sample every time an entry is visited, in the scaled, clamped latent range
-            mean, std = train_cache.mean[index], train_cache.std[index]
-            latents = scale(mean + std * torch.randn_like(mean)).clamp(-s2.latent_clamp, s2.latent_clamp)
-            embeddings, masks = train_cache.sample_text(index)
-            drop = torch.rand(index.shape[0], device=device) < cfg.data.caption_dropout
-            embeddings = torch.where(drop[:, None, None], train_cache.null_embedding, embeddings)
-            masks = torch.where(drop[:, None], train_cache.null_mask, masks)
-            with accelerator.accumulate(unet):
-                loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, s2)
-                metrics = stepper.step(loss, state.global_step)
-            state.batches_in_epoch += 1
-            if metrics is None:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log_metrics(accelerator, losses, state.global_step, epoch, {"loss": loss.item(), **metrics})
-            if state.global_step % rt.checkpoint_every_steps == 0 and state.global_step < total_steps:
-                save_checkpoint()
-            if state.global_step >= total_steps:
-                break
-        epoch_done = state.batches_in_epoch >= len(train_loader)
-        finished = state.global_step >= total_steps
-        if epoch_done or finished:
-            evaluate_with_ema(epoch, with_samples=finished or (epoch + 1) % rt.sample_every_epochs == 0)
-        if epoch_done:
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-    progress.close()
+    run_epochs(training, loss, epochs=s2.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
+               desc="stage 2 (U-Net)", end_of_epoch=evaluate_with_ema)
     if not math.isfinite(state.best_val_loss):
         raise NoUsableWeightsError(
             f"stage 2 ended without usable weights: every validation loss was NaN/inf, so {folder / 'unet'} was "
             "not written; lower stage2.learning_rate or check the VAE, then train stage 2 again"
         )
-    save_checkpoint()  # final
+    training.save_checkpoint()  # final
 
     unet_dir = folder / "unet"
     if accelerator.is_main_process:
@@ -384,6 +355,5 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
                    "stage 2 best val loss": round(state.best_val_loss, 5)},
         )
         logger.info("stage 2 done: %d steps -> %s, pipeline -> %s", state.global_step, unet_dir, folder / "pipeline")
-    checkpoints.close()
-    end_stage(accelerator)
+    training.close()
     return unet_dir

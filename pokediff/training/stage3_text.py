@@ -13,21 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from pokediff.config import ConfigError
 from pokediff.errors import NoUsableWeightsError
-from pokediff.fileio import swap_into_place
+from pokediff.fileio import atomic_write, write_text_atomic
 from pokediff.data import SpriteDataset, load_splits, tokenize_captions
 from pokediff.models.clip import (
     DOMAIN_CLIP_DIRNAME,
@@ -43,33 +40,17 @@ from pokediff.models.clip import (
 from pokediff.models.text import load_text_encoder
 from pokediff.models.vae import SpriteVAE
 from pokediff.pipeline import build_noise_scheduler
-from pokediff.training.common import (
-    CheckpointManager,
-    GradExplosionDetector,
-    LossLogger,
-    NonFiniteGuard,
-    OptimizerStepper,
-    atomic_save_pretrained,
-    build_accelerator,
-    end_stage,
-    epoch_batches,
-    log_image_grid,
-    log_metrics,
-    one_cycle,
-    optimizer_steps,
-    resume_or_start,
-    save_training_checkpoint,
-    seed_step,
-    start_stage,
-    unwrap,
-)
+from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
+from pokediff.training.loop import run_epochs, start_training
+from pokediff.training.metrics import log_image_grid
+from pokediff.training.setup import build_accelerator, start_stage, unwrap
 from pokediff.training.stage2_unet import (
     LatentTextCache,
     assemble_pipeline,
     build_cache,
     diffusion_loss,
     encode_texts,
-    sample_grid,
+    stage2_sample_grid,
     validation_loss,
 )
 
@@ -172,8 +153,10 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_ca
         embeds, masks = encode_texts(tokenizer, text_encoder, list(val_captions), cfg.data.max_text_length, device)
         null_embed, null_mask = encode_texts(tokenizer, text_encoder, [""], cfg.data.max_text_length, device)
         cache = LatentTextCache(val_cache.mean, val_cache.std, embeds, masks, null_embed, null_mask)
-        val_loss = validation_loss(unet, noise_scheduler, cache, vae.scale_latents, cfg.stage2,
-                                   cfg.runtime.seed, s3.batch_size)
+        s2 = cfg.stage2  # the denoising loss stage 2 trained with
+        val_loss = validation_loss(unet, noise_scheduler, cache, vae.scale_latents, latent_clamp=s2.latent_clamp,
+                                   huber_delta=s2.huber_delta, min_snr_gamma=s2.min_snr_gamma,
+                                   seed=cfg.runtime.seed, batch_size=s3.batch_size)
         pipe = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer)
         prompts = list(val_captions)[: s3.eval_num_prompts]
         images = []
@@ -185,7 +168,7 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_ca
                                guidance_scale=cfg.scheduler.guidance_scale, output_type="pt").images.float().cpu())
         images = torch.cat(images)
         clip_scores = scorer.score(images, prompts)
-        grid = sample_grid(cfg, pipe, grid_path)
+        grid = stage2_sample_grid(cfg, pipe, grid_path)
     finally:
         text_encoder.train(was_training)
     return {"val_clip_score": float(clip_scores.mean()), "val_denoise_loss": float(val_loss),
@@ -194,17 +177,89 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_ca
 
 # ----------------------------------------------------------------------------------------- saving
 def _atomic_copytree(src: Path, dst: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    swap_into_place(tmp, dst)
+    with atomic_write(dst) as tmp:
+        shutil.copytree(src, tmp)
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
-    tokenizer.save_pretrained(tmp)
-    _atomic_copytree(tmp, folder)
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+
+
+# ------------------------------------------------------------------------------------------- loss
+class TextEncoderLoss:
+    """Stage 3's training loss on a batch of cache indices (see the module docstring for its terms).
+
+    The text encoder runs once per step on every caption the terms need (DDP expects one forward per backward):
+    the batch's captions, their caption-dropout copies for the denoising term, and "" for the null anchor.
+    """
+
+    def __init__(self, text_encoder, unet, vae, scorer: ClipScorer, noise_scheduler, cache: LatentTextCache, *,
+                 caption_ids, caption_mask, null_ids, null_mask, clip_text, clip_weight: float,
+                 denoise_weight: float, anchor_weight: float, null_anchor_weight: float, clip_t_max: int,
+                 latent_clamp: float, caption_dropout: float, huber_delta: float, min_snr_gamma: Optional[float],
+                 device):
+        self.text_encoder, self.unet, self.vae, self.scorer = text_encoder, unet, vae, scorer
+        self.noise_scheduler, self.cache = noise_scheduler, cache
+        self.caption_ids, self.caption_mask = caption_ids, caption_mask
+        self.null_ids, self.null_mask = null_ids, null_mask
+        self.clip_text = clip_text
+        self.clip_weight, self.denoise_weight = clip_weight, denoise_weight
+        self.anchor_weight, self.null_anchor_weight = anchor_weight, null_anchor_weight
+        self.clip_t_max, self.latent_clamp, self.caption_dropout = clip_t_max, latent_clamp, caption_dropout
+        self.huber_delta, self.min_snr_gamma = huber_delta, min_snr_gamma
+        self.device = device
+
+    def __call__(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        cache, device, clamp = self.cache, self.device, self.latent_clamp
+        null_ids, null_mask = self.null_ids, self.null_mask
+        index = index.to(device)
+        mean, std = cache.mean[index], cache.std[index]
+        latents = self.vae.scale_latents(mean + std * torch.randn_like(mean)).clamp(-clamp, clamp)
+        caption = index % cache.num_captions
+        ids, mask = self.caption_ids[caption], self.caption_mask[caption]
+        parts = {}
+        total = torch.zeros((), device=device)
+        batch = index.shape[0]
+        all_ids, all_mask = ids, mask
+        if self.denoise_weight > 0:
+            # caption dropout as in stage 2: the "" embedding the pipeline's guidance uses stays in place too
+            drop = torch.rand(batch, device=device) < self.caption_dropout
+            all_ids = torch.cat([ids, torch.where(drop[:, None], null_ids, ids)])
+            all_mask = torch.cat([mask, torch.where(drop[:, None], null_mask, mask)])
+        if self.null_anchor_weight > 0:
+            # the "" embedding is guidance's unconditional branch: keep it where stage 2 learned it
+            all_ids, all_mask = torch.cat([all_ids, null_ids]), torch.cat([all_mask, null_mask])
+        all_embeds = self.text_encoder(input_ids=all_ids, attention_mask=all_mask).last_hidden_state
+        embeds = all_embeds[:batch]
+        if self.null_anchor_weight > 0:
+            weight = null_mask[..., None].float()
+            sq = (all_embeds[-1:].float() - cache.null_embedding) ** 2 * weight
+            parts["null_anchor_loss"] = sq.sum() / (weight.sum() * sq.shape[-1]).clamp_min(1)
+            total = total + self.null_anchor_weight * parts["null_anchor_loss"]
+            all_embeds, all_mask = all_embeds[:-1], all_mask[:-1]
+        if self.clip_weight > 0:
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, self.clip_t_max, (batch,), device=device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = self.unet(noisy, timesteps, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+            x0 = predict_x0(self.noise_scheduler, noisy, pred.float(), timesteps).clamp(-clamp, clamp)
+            images = decode(self.vae, x0, embeds, mask)
+            cos = (self.scorer.image_features(images).float() * self.clip_text[caption]).sum(dim=-1)
+            parts["clip_loss"] = (1 - cos).mean()
+            parts["train_clip_score"] = (100 * cos.mean()).detach()
+            total = total + self.clip_weight * parts["clip_loss"]
+        if self.denoise_weight > 0:
+            parts["denoise_loss"] = diffusion_loss(self.unet, self.noise_scheduler, latents, all_embeds[batch:],
+                                                   all_mask[batch:], self.huber_delta, self.min_snr_gamma)
+            total = total + self.denoise_weight * parts["denoise_loss"]
+        if self.anchor_weight > 0:
+            target, target_mask = cache.text(index)
+            weight = target_mask[..., None].float()
+            sq = (embeds.float() - target) ** 2 * weight
+            parts["anchor_loss"] = sq.sum() / (weight.sum() * embeds.shape[-1]).clamp_min(1)
+            total = total + self.anchor_weight * parts["anchor_loss"]
+        return total, {name: value.detach() for name, value in parts.items()}
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -240,7 +295,6 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         raise ConfigError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
                          f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder")
     text_encoder.to(device).eval()
-    scale = vae.scale_latents
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
 
     splits = load_splits(cfg.data, require=("train", "val"))
@@ -281,107 +335,31 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         text_encoder.pooler.requires_grad_(False)
     optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=s3.learning_rate, weight_decay=s3.weight_decay)
     text_encoder, optimizer, train_loader = accelerator.prepare(text_encoder, optimizer, train_loader)
-    updates_per_epoch, total_steps = optimizer_steps(len(train_loader), s3.epochs,
-                                                     accelerator.gradient_accumulation_steps, rt.max_steps)
-    lr_scheduler = accelerator.prepare(
-        one_cycle(optimizer, s3.learning_rate, total_steps, s3.warmup_fraction, accelerator.num_processes))
-    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
-    guard = NonFiniteGuard(min(rt.nan_max_consecutive, total_steps), accelerator, STAGE)
-    detector = GradExplosionDetector(rt.grad_explosion_factor)
-    stepper = OptimizerStepper(accelerator, text_encoder, optimizer, lr_scheduler, s3.grad_clip, guard, detector)
-    losses = LossLogger(folder / "losses.csv", STAGE, enabled=accelerator.is_main_process)
-
-    state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)
+    training = start_training(
+        accelerator, STAGE, text_encoder, optimizer, train_loader, checkpoints, resume_from, folder / "losses.csv",
+        epochs=s3.epochs, learning_rate=s3.learning_rate, warmup_fraction=s3.warmup_fraction, grad_clip=s3.grad_clip,
+        max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
+        grad_explosion_factor=rt.grad_explosion_factor,
+    )
+    state = training.state
     if resume_from is not None:
         before = state.extra.get("before")
+    training.checkpoint_extra["before"] = before
 
-    def save_checkpoint():
-        save_training_checkpoint(checkpoints, state, guard, detector, before=before)
-
+    s2 = cfg.stage2
     num_t = noise_scheduler.config.num_train_timesteps
-    clip_t_max = max(1, int(round(s3.clip_max_timestep_fraction * num_t)))
-    clamp = cfg.stage2.latent_clamp
-
-    def step_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mean, std = train_cache.mean[index], train_cache.std[index]
-        latents = scale(mean + std * torch.randn_like(mean)).clamp(-clamp, clamp)
-        caption = index % train_cache.num_captions
-        ids, mask = caption_ids[caption], caption_mask[caption]
-        parts = {}
-        total = torch.zeros((), device=device)
-        batch = index.shape[0]
-        all_ids, all_mask = ids, mask
-        if s3.denoise_weight > 0:
-            # caption dropout as in stage 2: the "" embedding the pipeline's guidance uses stays in place too
-            drop = torch.rand(batch, device=device) < cfg.data.caption_dropout
-            all_ids = torch.cat([ids, torch.where(drop[:, None], null_ids, ids)])
-            all_mask = torch.cat([mask, torch.where(drop[:, None], null_mask, mask)])
-        if s3.null_anchor_weight > 0:
-            # the "" embedding is guidance's unconditional branch: keep it where stage 2 learned it
-            all_ids, all_mask = torch.cat([all_ids, null_ids]), torch.cat([all_mask, null_mask])
-        # one encoder call per step (DDP expects one forward per backward)
-        all_embeds = text_encoder(input_ids=all_ids, attention_mask=all_mask).last_hidden_state
-        embeds = all_embeds[:batch]
-        if s3.null_anchor_weight > 0:
-            weight = null_mask[..., None].float()
-            sq = (all_embeds[-1:].float() - train_cache.null_embedding) ** 2 * weight
-            parts["null_anchor_loss"] = sq.sum() / (weight.sum() * sq.shape[-1]).clamp_min(1)
-            total = total + s3.null_anchor_weight * parts["null_anchor_loss"]
-            all_embeds, all_mask = all_embeds[:-1], all_mask[:-1]
-        if s3.clip_weight > 0:
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, clip_t_max, (batch,), device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            pred = unet(noisy, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
-            x0 = predict_x0(noise_scheduler, noisy, pred.float(), t).clamp(-clamp, clamp)
-            images = decode(vae, x0, embeds, mask)
-            cos = (scorer.image_features(images).float() * clip_text[caption]).sum(dim=-1)
-            parts["clip_loss"] = (1 - cos).mean()
-            parts["train_clip_score"] = (100 * cos.mean()).detach()
-            total = total + s3.clip_weight * parts["clip_loss"]
-        if s3.denoise_weight > 0:
-            parts["denoise_loss"] = diffusion_loss(unet, noise_scheduler, latents, all_embeds[batch:],
-                                                   all_mask[batch:], cfg.stage2)
-            total = total + s3.denoise_weight * parts["denoise_loss"]
-        if s3.anchor_weight > 0:
-            target, target_mask = train_cache.text(index)
-            weight = target_mask[..., None].float()
-            sq = (embeds.float() - target) ** 2 * weight
-            parts["anchor_loss"] = sq.sum() / (weight.sum() * embeds.shape[-1]).clamp_min(1)
-            total = total + s3.anchor_weight * parts["anchor_loss"]
-        return total, parts
-
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="stage 3 (text encoder)",
-                    disable=not accelerator.is_local_main_process)
-    text_encoder.train()
-    for epoch in range(state.epoch, s3.epochs):
-        if state.global_step >= total_steps:
-            break
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        state.epoch, state.batches_in_epoch = epoch, skip
-        for index in epoch_batches(accelerator, train_loader, epoch, skip):
-            seed_step(rt.seed, state.batches_in_epoch, accelerator.process_index, f"{STAGE}:{epoch}")
-            index = index.to(device)
-            with accelerator.accumulate(text_encoder):
-                with accelerator.autocast():  # the frozen U-Net / VAE / CLIP are not prepared: autocast by hand
-                    loss, parts = step_loss(index)
-                metrics = stepper.step(loss, state.global_step)
-            state.batches_in_epoch += 1
-            if metrics is None:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log_metrics(accelerator, losses, state.global_step, epoch,
-                        {"loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}, **metrics})
-            if state.global_step % rt.checkpoint_every_steps == 0 and state.global_step < total_steps:
-                save_checkpoint()
-            if state.global_step >= total_steps:
-                break
-        if state.batches_in_epoch >= len(train_loader):
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-    progress.close()
-    save_checkpoint()  # final
+    loss = TextEncoderLoss(
+        text_encoder, unet, vae, scorer, noise_scheduler, train_cache, caption_ids=caption_ids,
+        caption_mask=caption_mask, null_ids=null_ids, null_mask=null_mask, clip_text=clip_text,
+        clip_weight=s3.clip_weight, denoise_weight=s3.denoise_weight, anchor_weight=s3.anchor_weight,
+        null_anchor_weight=s3.null_anchor_weight, clip_t_max=max(1, int(round(s3.clip_max_timestep_fraction * num_t))),
+        latent_clamp=s2.latent_clamp, caption_dropout=cfg.data.caption_dropout, huber_delta=s2.huber_delta,
+        min_snr_gamma=s2.min_snr_gamma, device=device,
+    )
+    # the frozen U-Net / VAE / CLIP are not prepared: autocast by hand
+    run_epochs(training, loss, epochs=s3.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
+               desc="stage 3 (text encoder)", autocast=True)
+    training.save_checkpoint()  # final
 
     pipeline_dir = folder / "pipeline"
     if accelerator.is_main_process:
@@ -394,17 +372,15 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
                 f"stage 3 ended without usable weights: the tuned text encoder gives a NaN/inf validation "
                 f"denoising loss, so {folder / 'text_encoder'} was not written; lower stage3.learning_rate"
             )
-        log_metrics(accelerator, losses, state.global_step, state.epoch,
-                    {"val_clip_score": after["val_clip_score"], "val_denoise_loss": after["val_denoise_loss"]})
+        training.log({"val_clip_score": after["val_clip_score"], "val_denoise_loss": after["val_denoise_loss"]})
         text_dir = atomic_save_pretrained(model, folder / "text_encoder")
         _save_tokenizer(tokenizer, folder / "tokenizer")
-        report = {"clip": clip_info, "steps": state.global_step, "skipped_batches": guard.total_skipped,
+        skipped = training.stepper.guard.total_skipped
+        report = {"clip": clip_info, "steps": state.global_step, "skipped_batches": skipped,
                   "before": before, "after": after}
         if isinstance(scorer, DomainClipScorer):
             report["domain_clip_retrieval"] = scorer.metrics
-        tmp = folder / f".tmp-{METRICS_FILE}"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, folder / METRICS_FILE)
+        write_text_atomic(folder / METRICS_FILE, json.dumps(report, indent=2))
         if before is not None:
             logger.info("stage 3: val CLIP score %.3f -> %.3f, val denoising loss %.5f -> %.5f (%s)",
                         before["val_clip_score"], after["val_clip_score"], before["val_denoise_loss"],
@@ -426,6 +402,5 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
             # eval finds the domain CLIP beside the pipeline
             _atomic_copytree(Path(scorer.path), pipeline_dir / DOMAIN_CLIP_DIRNAME)
         logger.info("stage 3 done: %d steps -> %s", state.global_step, pipeline_dir)
-    checkpoints.close()
-    end_stage(accelerator)
+    training.close()
     return pipeline_dir

@@ -1,0 +1,133 @@
+"""The one training loop of the three stages (the habit of EDM2's ``training/training_loop.py``).
+
+A stage builds and prepares its models and data, then
+1. ``start_training`` adds what every stage shares: the update schedule (OneCycle over the stage's updates),
+   the stability guards, losses.csv, and the position to resume from;
+2. ``run_epochs`` runs the epochs with a loss, a small callable ``loss(batch, global_step) -> (loss, values to
+   log)``, and calls the stage's ``end_of_epoch(epoch, finished)`` hook (validation, samples).
+
+Per step: ``seed_step`` -> loss -> ``OptimizerStepper.step`` -> ``log_metrics`` -> a checkpoint every N updates.
+An epoch cut short by a checkpoint resumes at the next unseen batch; the same batches, noise and updates follow
+as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pokediff.training.checkpoints import (
+    CheckpointManager,
+    TrainingState,
+    resume_or_start,
+    save_training_checkpoint,
+)
+from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard, OptimizerStepper
+from pokediff.training.metrics import LossLogger, log_metrics
+from pokediff.training.seeding import epoch_batches, seed_step
+from pokediff.training.setup import end_stage, one_cycle, optimizer_steps
+
+# loss(batch, global_step) -> (scalar loss to back-propagate, further values to log after "loss")
+StageLoss = Callable[[object, int], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class StageTraining:
+    """One stage's training state: the prepared model and loader, the stepper, checkpoints and losses.csv."""
+
+    accelerator: Accelerator
+    stage: str
+    model: torch.nn.Module  # the prepared model the optimizer updates
+    loader: torch.utils.data.DataLoader  # prepared; one item per per-process batch
+    stepper: OptimizerStepper
+    checkpoints: CheckpointManager
+    losses: LossLogger
+    state: TrainingState
+    total_steps: int
+    updates_per_epoch: int
+    checkpoint_extra: dict = field(default_factory=dict)  # stage-specific values saved in every checkpoint
+
+    @property
+    def finished(self) -> bool:
+        return self.state.global_step >= self.total_steps
+
+    def save_checkpoint(self) -> Path:
+        return save_training_checkpoint(self.checkpoints, self.state, self.stepper.guard, self.stepper.detector,
+                                        **self.checkpoint_extra)
+
+    def log(self, values: dict, epoch: Optional[int] = None) -> None:
+        """Values at the current step, to the trackers and losses.csv (``epoch`` defaults to the state's)."""
+        log_metrics(self.accelerator, self.losses, self.state.global_step,
+                    self.state.epoch if epoch is None else epoch, values)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        end_stage(self.accelerator)
+
+
+def start_training(accelerator: Accelerator, stage: str, model, optimizer, loader, checkpoints: CheckpointManager,
+                   resume_from: Optional[Path], losses_path, *, epochs: int, learning_rate: float,
+                   warmup_fraction: float, grad_clip: float, max_steps: Optional[int], nan_max_consecutive: int,
+                   grad_explosion_factor: float, ema=None) -> StageTraining:
+    """The update schedule, guards and losses.csv for the prepared ``model`` / ``optimizer`` / ``loader``, at
+    step 0 or at ``resume_from``'s position."""
+    updates_per_epoch, total_steps = optimizer_steps(len(loader), epochs, accelerator.gradient_accumulation_steps,
+                                                     max_steps)
+    lr_scheduler = accelerator.prepare(
+        one_cycle(optimizer, learning_rate, total_steps, warmup_fraction, accelerator.num_processes)
+    )
+    # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
+    guard = NonFiniteGuard(min(nan_max_consecutive, total_steps), accelerator, stage)
+    detector = GradExplosionDetector(grad_explosion_factor)
+    stepper = OptimizerStepper(accelerator, model, optimizer, lr_scheduler, grad_clip, guard, detector, ema=ema)
+    losses = LossLogger(losses_path, stage, enabled=accelerator.is_main_process)
+    state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)
+    return StageTraining(accelerator, stage, model, loader, stepper, checkpoints, losses, state, total_steps,
+                         updates_per_epoch)
+
+
+def run_epochs(training: StageTraining, loss: StageLoss, *, epochs: int, seed: int, checkpoint_every_steps: int,
+               desc: str, end_of_epoch: Optional[Callable[[int, bool], None]] = None, autocast: bool = False) -> None:
+    """Train from ``training.state`` to ``training.total_steps`` updates (or ``epochs`` epochs).
+
+    ``end_of_epoch(epoch, finished)`` runs after each complete epoch and after the last update. ``autocast``
+    wraps the loss in ``accelerator.autocast()`` (for frozen models that were not prepared).
+    """
+    acc, state, loader = training.accelerator, training.state, training.loader
+    progress = tqdm(total=training.total_steps, initial=state.global_step, desc=desc,
+                    disable=not acc.is_local_main_process)
+    training.model.train()
+    for epoch in range(state.epoch, epochs):
+        if training.finished:
+            break
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.batches_in_epoch = epoch, skip
+        for batch in epoch_batches(acc, loader, epoch, skip):
+            seed_step(seed, state.batches_in_epoch, acc.process_index, f"{training.stage}:{epoch}")
+            with acc.accumulate(training.model):
+                with acc.autocast() if autocast else nullcontext():
+                    value, logged = loss(batch, state.global_step)
+                metrics = training.stepper.step(value, state.global_step)
+            state.batches_in_epoch += 1
+            if metrics is None:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{value.item():.4f}")
+            training.log({"loss": value.item(), **logged, **metrics}, epoch)
+            if state.global_step % checkpoint_every_steps == 0 and not training.finished:
+                training.save_checkpoint()
+            if training.finished:
+                break
+        epoch_done = state.batches_in_epoch >= len(loader)
+        if end_of_epoch is not None and (epoch_done or training.finished):
+            end_of_epoch(epoch, training.finished)
+        if epoch_done:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+    progress.close()
