@@ -11,7 +11,8 @@ from tiny import save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_
 from pokediff.config import load_config
 from pokediff.models import clip as clip_mod
 from pokediff.models.clip import DomainClipTooWeakError, load_clip_scorer
-from pokediff.pipeline import PokeSpritePipeline, build_noise_scheduler
+from pokediff.pipeline import PokeSpritePipeline
+from pokediff.schedulers import build_noise_scheduler
 from pokediff.training.common import read_losses
 from pokediff.training.stage3_text import predict_x0, train_stage3
 

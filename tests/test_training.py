@@ -116,7 +116,7 @@ def test_stage1_perceptual_term_enters_the_loss(tiny_data_root, text_encoder_dir
 
 @pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
 def test_stage2_loss_falls_on_a_fixed_batch(prediction_type, gamma):
-    from pokediff.pipeline import build_noise_scheduler
+    from pokediff.schedulers import build_noise_scheduler
 
     cfg = load_config(overrides={"scheduler.prediction_type": prediction_type, "stage2.min_snr_gamma": gamma})
     scheduler = build_noise_scheduler(cfg.scheduler)
