@@ -121,8 +121,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         """``model_index.json`` with its custom-code entries pointed at the installed classes.
 
         diffusers would load ``["pipeline_pokesprite", ...]`` and ``["sprite_vae", ...]`` from the folder's files
-        (and ask for ``trust_remote_code``); this class is that pipeline already, and the VAE class is imported
-        from pokediff. Folders saved before (``"PokeSpritePipeline"``, ``["pokediff.models.vae", ...]``) pass as is.
+        (and ask for ``trust_remote_code``); this class is that pipeline already, and the VAE class comes from the
+        installed package. Folders saved before (``"PokeSpritePipeline"``, ``["pokediff.models.vae", ...]``) pass as is.
         """
         loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded

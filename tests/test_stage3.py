@@ -120,6 +120,7 @@ def test_stage3_records_clip_choice_and_before_after(stage3_run):
     assert {"top1", "top5", "chance_top1"} <= report["domain_clip_retrieval"].keys()
     card = (pipeline_dir / "README.md").read_text()
     assert "domain_clip:" in card and "val CLIP score (before -> after)" in card
+    assert "Stage 3: ran for these weights, 2 optimizer steps." in card
     # eval finds the domain CLIP beside the pipeline
     scorer = load_clip_scorer(pipeline_dir)
     assert scorer.name == f"domain_clip:{pipeline_dir / 'domain_clip'}"

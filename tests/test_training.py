@@ -379,6 +379,9 @@ def test_stage2_resume_matches_an_uninterrupted_run(tiny_data_root, text_encoder
     resumed = train_stage2(cfg, tiny_vae_dir, resume="latest")
 
     state_a, ckpt_a = _state(tmp_path / "a" / "pokediff", "stage2")
+    card = (tmp_path / "a" / "pokediff" / "pipeline" / "README.md").read_text()  # a stage-2-only pipeline
+    assert "Stage 2: ran for these weights, 7 optimizer steps." in card
+    assert "Stage 3: ran" not in card and "did not run for these weights" in card
     state_b, ckpt_b = _state(tmp_path / "b" / "pokediff", "stage2")
     assert state_a["global_step"] == state_b["global_step"] == 7
     ema_a = load_file(full / "diffusion_pytorch_model.safetensors")  # EMA weights: EMA state resumed too
