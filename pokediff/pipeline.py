@@ -144,17 +144,24 @@ class PokeSpritePipeline(DiffusionPipeline):
     def download(cls, pretrained_model_name, **kwargs) -> str:
         """Fetch a hub repo's files (safetensors weights only) without resolving, or running, its code."""
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        return snapshot_download(
-            pretrained_model_name,
-            cache_dir=kwargs.get("cache_dir"),
-            revision=kwargs.get("revision"),
-            token=kwargs.get("token"),
-            proxies=kwargs.get("proxies"),
-            force_download=kwargs.get("force_download", False),
-            local_files_only=kwargs.get("local_files_only", False),
-            ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.h5"],
-        )
+        try:
+            return snapshot_download(
+                pretrained_model_name,
+                cache_dir=kwargs.get("cache_dir"),
+                revision=kwargs.get("revision"),
+                token=kwargs.get("token"),
+                proxies=kwargs.get("proxies"),
+                force_download=kwargs.get("force_download", False),
+                local_files_only=kwargs.get("local_files_only", False),
+                ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.h5"],
+            )
+        except LocalEntryNotFoundError as err:  # offline, or the hub unreachable: say so, as diffusers does
+            raise EnvironmentError(
+                f"Cannot load model {pretrained_model_name}: the model is not fully cached locally and the Hub "
+                f"cannot be reached ({err})"
+            ) from err
 
     # -------------------------------------------------------------- saving
     def save_pretrained(
