@@ -110,7 +110,7 @@ def _resolve_diffusion(args, run: Path) -> tuple[Path, Path | None]:
 
 def push_pipeline(cfg, pipeline_dir: Path) -> str:
     """Upload the pipeline folder (with its model card naming the repo) to ``cfg.hub.hub_model_id``."""
-    from pokediff.pipeline import push_pipeline_folder
+    from pokediff.hub import push_pipeline_folder
 
     push_pipeline_folder(pipeline_dir, cfg.hub.hub_model_id, extra={"run": cfg.runtime.experiment_name},
                          private=cfg.hub.private)

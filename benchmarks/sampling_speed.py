@@ -25,12 +25,8 @@ from pokediff.config import load_config  # noqa: E402
 from pokediff.models.text import load_text_encoder  # noqa: E402
 from pokediff.models.unet import build_unet  # noqa: E402
 from pokediff.models.vae import build_vae  # noqa: E402
-from pokediff.pipeline import (  # noqa: E402
-    INFERENCE_SCHEDULERS,
-    PokeSpritePipeline,
-    build_inference_scheduler,
-    make_inference_scheduler,
-)
+from pokediff.pipeline import PokeSpritePipeline  # noqa: E402
+from pokediff.schedulers import INFERENCE_SCHEDULERS, build_inference_scheduler, make_inference_scheduler  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -41,7 +41,7 @@ from pokediff.data import tokenize_captions  # noqa: E402
 from pokediff.models.text import load_text_encoder  # noqa: E402
 from pokediff.models.unet import build_unet  # noqa: E402
 from pokediff.models.vae import build_vae  # noqa: E402
-from pokediff.pipeline import build_noise_scheduler  # noqa: E402
+from pokediff.schedulers import build_noise_scheduler  # noqa: E402
 from pokediff.training.stage2_unet import diffusion_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), for MFU; --peak-tflops overrides.

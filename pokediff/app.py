@@ -29,14 +29,10 @@ from PIL import Image  # noqa: E402
 from pokediff.data import TYPE_NAMES  # noqa: E402
 from pokediff.device import resolve_device  # noqa: E402
 from pokediff.eval.sampling import _generator_is_conditional, is_pipeline_folder  # noqa: E402
-from pokediff.pipeline import (  # noqa: E402
-    DEFAULT_GUIDANCE_SCALE,
-    EXAMPLE_PROMPTS,
-    INFERENCE_SCHEDULERS,
-    add_alpha,
-    make_inference_scheduler,
-    to_pil,
-)
+from pokediff.hub import EXAMPLE_PROMPTS  # noqa: E402
+from pokediff.pipeline import DEFAULT_GUIDANCE_SCALE  # noqa: E402
+from pokediff.postprocess import add_alpha, to_pil  # noqa: E402
+from pokediff.schedulers import INFERENCE_SCHEDULERS, make_inference_scheduler  # noqa: E402
 
 MAX_SPRITES = 8
 MAX_STEPS = 100

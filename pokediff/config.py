@@ -407,7 +407,7 @@ def build_config(cls, path=None, overrides=None):
 
 
 # ------------------------------------------------------------------------------------- validation
-# Choices the consumers accept (tests/test_config.py checks these lists against pokediff.pipeline / perceptual).
+# Choices the consumers accept (tests/test_config.py checks these lists against pokediff.schedulers / perceptual).
 PERCEPTUAL_BACKENDS = ("auto", "lpips", "stlpips")
 PERCEPTUAL_NETS = ("alex", "vgg")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")

@@ -54,7 +54,7 @@ def atomic_write(path) -> Iterator[Path]:
 def write_text_atomic(path, text: str) -> Path:
     """``path.write_text(text)``, but a reader never sees half of it."""
     with atomic_write(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pokediff.device import resolve_device
 from pokediff.errors import PokediffError, check_writable_file, write_failure
-from pokediff.pipeline import INFERENCE_SCHEDULERS, PokeSpritePipeline, make_inference_scheduler
+from pokediff.pipeline import PokeSpritePipeline
+from pokediff.schedulers import INFERENCE_SCHEDULERS, make_inference_scheduler
 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds

@@ -130,7 +130,7 @@ def test_the_choices_are_the_ones_the_code_accepts():
 
     from pokediff import config
     from pokediff.models import perceptual
-    from pokediff.pipeline import INFERENCE_SCHEDULERS
+    from pokediff.schedulers import INFERENCE_SCHEDULERS
 
     assert config.PERCEPTUAL_BACKENDS == perceptual.BACKENDS and config.PERCEPTUAL_NETS == perceptual.NETS
     assert config.INFERENCE_SCHEDULER_NAMES == tuple(INFERENCE_SCHEDULERS)

@@ -2,7 +2,12 @@
 
 import json
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +17,10 @@ from PIL import Image
 from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, tiny_pipeline, tiny_unet, tiny_vae
 
 from pokediff.config import SchedulerConfig
-from pokediff.pipeline import (
-    PokeSpritePipeline,
-    background_alpha,
-    build_inference_scheduler,
-    build_noise_scheduler,
-    make_inference_scheduler,
-    write_model_card,
-)
+from pokediff.hub import build_model_card, push_pipeline_folder, write_model_card
+from pokediff.pipeline import PokeSpritePipeline
+from pokediff.postprocess import background_alpha
+from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler, make_inference_scheduler
 
 STEPS = 2
 
@@ -285,9 +286,15 @@ def test_save_load_bit_exact(pipe, saved):
     assert {p.parent.name for p in weights} == {"vae", "unet", "text_encoder"}
     assert all(p.suffix == ".safetensors" for p in weights)
     index = json.loads((saved / "model_index.json").read_text())
-    assert index["_class_name"] == "PokeSpritePipeline"
-    assert index["vae"] == ["pokediff.models.vae", "SpriteVAE"]
-    assert (saved / "README.md").is_file()
+    # diffusers' custom-code layout: the pipeline file at the root, the VAE's module in its subfolder
+    assert index["_class_name"] == ["pipeline_pokesprite", "PokeSpritePipeline"]
+    assert index["vae"] == ["sprite_vae", "SpriteVAE"]
+    assert index["text_encoder"][0] == "transformers" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    code = sorted(str(p.relative_to(saved)) for p in files if p.suffix == ".py")
+    assert code == ["fileio.py", "pipeline_pokesprite.py", "postprocess.py", "vae/sprite_vae.py"]
+    code_text = "".join(p.read_text() for p in files if p.suffix == ".py")
+    # the import statements diffusers' check_imports looks for: none may need pokediff
+    assert not re.findall(r"^\s*(?:import\s+pokediff|from\s+pokediff\S*\s+import)", code_text, flags=re.MULTILINE)
 
     loaded = PokeSpritePipeline.from_pretrained(saved)
     loaded.set_progress_bar_config(disable=True)
@@ -301,9 +308,119 @@ def test_save_load_bit_exact(pipe, saved):
     assert torch.equal(run(pipe, seed=5), run(loaded, seed=5))
 
 
-def test_plain_diffusion_pipeline_resolves_our_class(saved):
-    loaded = DiffusionPipeline.from_pretrained(saved)
-    assert isinstance(loaded, PokeSpritePipeline)
+def test_plain_diffusion_pipeline_needs_trust_remote_code(saved):
+    import diffusers
+
+    assert not hasattr(diffusers, "PokeSpritePipeline")  # importing pokediff adds nothing to diffusers
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(saved)
+
+
+_LOAD_IN_FRESH_INTERPRETER = r"""
+import importlib.abc, json, sys
+import torch
+
+folder, way, out = sys.argv[1:]
+if way == "trust_remote_code_without_pokediff":
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "pokediff":
+                raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
+    sys.meta_path.insert(0, Refuse())
+if way.startswith("trust_remote_code"):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+else:
+    from pokediff import PokeSpritePipeline
+    import diffusers
+
+    assert not hasattr(diffusers, "PokeSpritePipeline")
+    pipe = PokeSpritePipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+latents = torch.randn(1, pipe.vae.config.latent_channels, pipe.latent_size, pipe.latent_size,
+                      generator=torch.Generator().manual_seed(3))
+images = pipe("a small green creature", num_inference_steps=2, latents=latents, output_type="pt", rgba=True).images
+torch.save(images, out)
+loaded = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("pokediff", "diffusers_modules")})
+print(json.dumps({"pipeline": type(pipe).__module__, "vae": type(pipe.vae).__module__, "loaded": loaded}))
+"""
+
+
+def _load_in_fresh_interpreter(folder, way, tmp_path) -> tuple[dict, torch.Tensor]:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    out = tmp_path / f"{way}.pt"
+    done = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_INTERPRETER, str(folder), way, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "might require the following packages" not in done.stderr  # diffusers' warning for missing imports
+    return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
+
+
+def _reference_images(pipe):
+    latents = torch.randn(1, pipe.vae.config.latent_channels, pipe.latent_size, pipe.latent_size, generator=gen(3))
+    return run(pipe, "a small green creature", latents=latents, rgba=True)
+
+
+@pytest.mark.parametrize("way", ["pokediff", "trust_remote_code", "trust_remote_code_without_pokediff"])
+def test_saved_folder_loads_both_ways_in_a_fresh_interpreter(pipe, saved, tmp_path, way):
+    info, images = _load_in_fresh_interpreter(saved, way, tmp_path)
+    if way == "pokediff":  # the installed classes; the folder's code is not run
+        assert info == {"pipeline": "pokediff.pipeline", "vae": "pokediff.models.vae", "loaded": ["pokediff"]}
+    else:  # the folder's own code; pokediff is never imported
+        assert info == {"pipeline": "diffusers_modules.local.pipeline_pokesprite",
+                        "vae": "diffusers_modules.local.sprite_vae", "loaded": ["diffusers_modules"]}
+    assert images.shape == (1, 4, 215, 215)
+    assert torch.equal(images, _reference_images(pipe))
+
+
+def _as_saved_before_custom_code(saved, folder):
+    """``saved`` in the layout of folders written before custom-code loading (class looked up on diffusers)."""
+    shutil.copytree(saved, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="PokeSpritePipeline", vae=["pokediff.models.vae", "SpriteVAE"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for path in folder.rglob("*.py"):
+        path.unlink()
+    return folder
+
+
+def test_folders_saved_before_custom_code_still_load(pipe, saved, tmp_path):
+    old = _as_saved_before_custom_code(saved, tmp_path / "old")
+    info, images = _load_in_fresh_interpreter(old, "pokediff", tmp_path)
+    assert info["vae"] == "pokediff.models.vae" and torch.equal(images, _reference_images(pipe))
+    # eval's loader (app and generate call PokeSpritePipeline.from_pretrained the same way)
+    from pokediff.eval.sampling import DiffusionSampler, load_sampler
+
+    sampler = load_sampler(old, num_inference_steps=STEPS)
+    assert isinstance(sampler, DiffusionSampler)
+    new = next(load_sampler(saved, num_inference_steps=STEPS).sample(["a red creature"], progress=False))
+    assert torch.equal(next(sampler.sample(["a red creature"], progress=False)), new)
+
+
+def test_hub_ids_load_without_running_the_repo_code(saved, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.update(repo_id=repo_id, **kwargs)
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = PokeSpritePipeline.from_pretrained("someone/pokesprite")
+    assert type(loaded) is PokeSpritePipeline and asked["repo_id"] == "someone/pokesprite"
+    assert "*.bin" in asked["ignore_patterns"]  # safetensors only
+
+
+def test_pipeline_tokenizes_as_training_does(pipe):
+    from pokediff.data import tokenize_captions
+
+    captions = ["a red fire creature", "", " ".join(["fire"] * 3 * TINY_MAX_TEXT_LENGTH)]
+    ours = pipe._tokenize(captions)
+    training = tokenize_captions(pipe.tokenizer, captions, pipe.config.max_text_length)
+    assert all(torch.equal(ours[k], training[k]) for k in ("input_ids", "attention_mask"))
 
 
 def test_resave_keeps_foreign_entries(pipe, tmp_path):
@@ -314,8 +431,39 @@ def test_resave_keeps_foreign_entries(pipe, tmp_path):
     pipe.save_pretrained(folder)
     assert (folder / "domain_clip" / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    with pytest.raises(ValueError, match="safetensors"):
-        pipe.save_pretrained(folder, safe_serialization=False)
+
+
+def test_save_pretrained_keeps_the_diffusers_signature(pipe, tmp_path, monkeypatch):
+    import inspect
+
+    import diffusers.utils.hub_utils
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    ours = inspect.signature(PokeSpritePipeline.save_pretrained).parameters
+    assert list(ours) == list(inspect.signature(DiffusionPipeline.save_pretrained).parameters)
+    assert "push_to_hub" not in PokeSpritePipeline.__dict__  # diffusers' own push_to_hub (it calls save_pretrained)
+
+    uploaded = {}
+
+    class Repo:
+        repo_id = "someone/pokesprite"
+
+    def fake_upload(self, folder, repo_id, **kwargs):
+        folder = Path(folder)
+        uploaded.update(repo_id=repo_id, index=json.loads((folder / "model_index.json").read_text()),
+                        card=(folder / "README.md").read_text(), **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
+    monkeypatch.setattr(diffusers.utils.hub_utils, "create_repo", lambda repo_id, **kw: Repo())
+    card = ModelCard("---\nlicense: other\n---\nthe repo's card\n")
+    monkeypatch.setattr(diffusers.utils.hub_utils, "load_or_create_model_card", lambda *a, **kw: card)
+    monkeypatch.setattr(PokeSpritePipeline, "_upload_folder", fake_upload)
+    pipe.save_pretrained(tmp_path / "pokesprite", push_to_hub=True, commit_message="first")
+    assert uploaded["repo_id"] == "someone/pokesprite" and uploaded["commit_message"] == "first"
+    assert "the repo's card" in uploaded["card"] and "library_name: diffusers" in uploaded["card"]
+    pipe.push_to_hub("pokesprite")
+    assert uploaded["index"]["_class_name"] == ["pipeline_pokesprite", "PokeSpritePipeline"]
 
 
 def test_load_errors(saved, tmp_path):
@@ -347,16 +495,21 @@ def test_load_errors(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------ model card / hub
+LOAD_SNIPPETS = ['PokeSpritePipeline.from_pretrained("path/to/pipeline")',
+                 'DiffusionPipeline.from_pretrained("path/to/pipeline", trust_remote_code=True)']
+
+
 def test_model_card_content(saved, tmp_path):
     folder = tmp_path / "card"
     shutil.copytree(saved, folder)
-    path = write_model_card(folder, metrics={"fid": 42.123456, "clip_score": 25.5}, extra={"stage2_epochs": 300})
+    path = write_model_card(folder, stages={2: 7}, metrics={"fid": 42.123456, "clip_score": 25.5},
+                            extra={"stage2_epochs": 300})
     card = path.read_text()
-    assert card.startswith("---\nlibrary_name: diffusers")
+    assert card.startswith("---\n") and "library_name: diffusers" in card.split("---")[1]
     expected = [
         "## Training data", "905 Pokémon", "## Training stages", f"215x215x3 -> 27x27x{TINY_LATENT_CHANNELS} latent",
         "U-Net", "## Metrics", "| fid | 42.12 |", "| clip_score | 25.5 |", "| stage2_epochs | 300 |",
-        "## Example prompts", "Nintendo", "non-commercial", "PokeSpritePipeline.from_pretrained", "SpriteVAE",
+        "## Example prompts", "Nintendo", "non-commercial", *LOAD_SNIPPETS, "SpriteVAE",
         "DPMSolverMultistepScheduler", f"Max text length: {TINY_MAX_TEXT_LENGTH} tokens",
     ]  # fmt: skip
     for text in expected:
@@ -364,11 +517,34 @@ def test_model_card_content(saved, tmp_path):
     assert "## Metrics" not in write_model_card(folder).read_text()
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         write_model_card(tmp_path)
+    with pytest.raises(ValueError, match="unknown training stages"):
+        build_model_card(folder, stages={4: 1})
 
 
-def test_push_to_hub_uploads_folder_with_card(pipe, monkeypatch):
+def test_model_card_claims_only_the_stages_that_ran(saved):
+    stage2_only = str(build_model_card(saved, stages={2: 7}))
+    assert "Stage 2: ran for these weights, 7 optimizer steps." in stage2_only
+    assert "Stage 1: not recorded for this save" in stage2_only
+    assert "Stage 3 (text encoder fine-tuning): did not run for these weights." in stage2_only
+    assert "Stage 3: ran" not in stage2_only and "fine-tuned" not in stage2_only
+    assert "the pretrained BertModel, frozen" in stage2_only
+
+    after_stage3 = str(build_model_card(saved, stages={3: 4}))
+    assert "Stage 3: ran for these weights, 4 optimizer steps." in after_stage3 and "fine-tuned" in after_stage3
+    assert "Stage 2: not recorded for this save" in after_stage3
+
+    nothing = str(build_model_card(saved))
+    assert "No training record was given" in nothing and "Stage 3: ran" not in nothing and "fine-tuned" not in nothing
+    for card in (stage2_only, after_stage3, nothing):
+        assert all(snippet in card for snippet in LOAD_SNIPPETS)
+
+
+def test_push_pipeline_folder_uploads_folder_with_card(saved, tmp_path, monkeypatch):
     import huggingface_hub
 
+    folder = tmp_path / "pipeline"
+    shutil.copytree(saved, folder)
+    write_model_card(folder, stages={2: 7}, extra={"stage 2 best val loss": 0.1})
     uploaded = {}
 
     class Repo:
@@ -382,10 +558,15 @@ def test_push_to_hub_uploads_folder_with_card(pipe, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
-    assert pipe.push_to_hub("pokesprite", metrics={"fid": 40.0}) == "https://hub/commit"
+    assert push_pipeline_folder(folder, "pokesprite", metrics={"fid": 40.0}) == "https://hub/commit"
     assert uploaded["repo_id"] == "someone/pokesprite"
     assert "model_index.json" in uploaded["files"] and "unet/diffusion_pytorch_model.safetensors" in uploaded["files"]
-    assert 'from_pretrained("someone/pokesprite")' in uploaded["card"] and "| fid | 40 |" in uploaded["card"]
+    assert {"pipeline_pokesprite.py", "vae/sprite_vae.py"} <= set(uploaded["files"])
+    card = uploaded["card"]
+    assert 'PokeSpritePipeline.from_pretrained("someone/pokesprite")' in card and "| fid | 40 |" in card
+    assert 'DiffusionPipeline.from_pretrained("someone/pokesprite", trust_remote_code=True)' in card
+    # the facts recorded when training wrote the card survive the upload's re-render
+    assert "Stage 2: ran for these weights, 7 optimizer steps." in card and "| stage 2 best val loss | 0.1 |" in card
 
 
 # ------------------------------------------------------------------------------ CLI

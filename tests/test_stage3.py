@@ -11,7 +11,8 @@ from tiny import save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_
 from pokediff.config import load_config
 from pokediff.models import clip as clip_mod
 from pokediff.models.clip import DomainClipTooWeakError, load_clip_scorer
-from pokediff.pipeline import PokeSpritePipeline, build_noise_scheduler
+from pokediff.pipeline import PokeSpritePipeline
+from pokediff.schedulers import build_noise_scheduler
 from pokediff.training.metrics import read_losses
 from pokediff.training.stage3_text import predict_x0, train_stage3
 
@@ -119,6 +120,7 @@ def test_stage3_records_clip_choice_and_before_after(stage3_run):
     assert {"top1", "top5", "chance_top1"} <= report["domain_clip_retrieval"].keys()
     card = (pipeline_dir / "README.md").read_text()
     assert "domain_clip:" in card and "val CLIP score (before -> after)" in card
+    assert "Stage 3: ran for these weights, 2 optimizer steps." in card
     # eval finds the domain CLIP beside the pipeline
     scorer = load_clip_scorer(pipeline_dir)
     assert scorer.name == f"domain_clip:{pipeline_dir / 'domain_clip'}"

@@ -115,7 +115,7 @@ def test_stage1_perceptual_term_enters_the_loss(tiny_data_root, text_encoder_dir
 
 @pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
 def test_stage2_loss_falls_on_a_fixed_batch(prediction_type, gamma):
-    from pokediff.pipeline import build_noise_scheduler
+    from pokediff.schedulers import build_noise_scheduler
 
     cfg = load_config(overrides={"scheduler.prediction_type": prediction_type, "stage2.min_snr_gamma": gamma})
     scheduler = build_noise_scheduler(cfg.scheduler)
@@ -379,6 +379,9 @@ def test_stage2_resume_matches_an_uninterrupted_run(tiny_data_root, text_encoder
     resumed = train_stage2(cfg, tiny_vae_dir, resume="latest")
 
     state_a, ckpt_a = _state(tmp_path / "a" / "pokediff", "stage2")
+    card = (tmp_path / "a" / "pokediff" / "pipeline" / "README.md").read_text()  # a stage-2-only pipeline
+    assert "Stage 2: ran for these weights, 7 optimizer steps." in card
+    assert "Stage 3: ran" not in card and "did not run for these weights" in card
     state_b, ckpt_b = _state(tmp_path / "b" / "pokediff", "stage2")
     assert state_a["global_step"] == state_b["global_step"] == 7
     ema_a = load_file(full / "diffusion_pytorch_model.safetensors")  # EMA weights: EMA state resumed too

@@ -105,7 +105,7 @@ def tiny_unet(text_dim: int = TINY_TEXT_DIM, seed: int = 0):
 def tiny_scheduler():
     """The default inference scheduler (DPM-Solver++ on the cosine schedule), as the pipeline gets it."""
     from pokediff.config import SchedulerConfig
-    from pokediff.pipeline import build_inference_scheduler
+    from pokediff.schedulers import build_inference_scheduler
 
     return build_inference_scheduler(SchedulerConfig())
 

@@ -17,10 +17,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 # Keep `ModelMixin` a module-level name: diffusers finds the load method of a custom component by looking the
-# base classes up on the component's module (model_index.json records ["pokediff.models.vae", "SpriteVAE"]).
+# base classes up on the component's module. No pokediff imports here: saved pipelines carry this file as
+# vae/sprite_vae.py, which `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` runs on its own.
 from diffusers.models.modeling_utils import ModelMixin
-
-from pokediff.config import ConfigError
 
 
 class DecoderCrossAttention(nn.Module):
@@ -74,10 +73,10 @@ class SpriteVAE(ModelMixin, ConfigMixin):
         super().__init__()
         n = len(block_out_channels)
         if n < 1:
-            raise ConfigError("SpriteVAE: block_out_channels must name at least one block")
+            raise ValueError("SpriteVAE: block_out_channels must name at least one block")
         for ch in block_out_channels:
             if ch % norm_num_groups:
-                raise ConfigError(
+                raise ValueError(
                     f"SpriteVAE: every block_out_channels entry must be divisible by norm_num_groups="
                     f"{norm_num_groups}; got {list(block_out_channels)}"
                 )
@@ -150,7 +149,7 @@ class SpriteVAE(ModelMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Images (B, C, H, W) in [-1, 1] -> ``AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution)``."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ConfigError(
+            raise ValueError(
                 f"SpriteVAE.encode expects (B, {self.config.in_channels}, H, W) images, got shape {tuple(x.shape)}"
             )
         f = self.downsample_factor
@@ -182,11 +181,11 @@ class SpriteVAE(ModelMixin, ConfigMixin):
         ``sample_size``; other latent sizes decode to ``h * 8`` pixels.
         """
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            raise ConfigError(
+            raise ValueError(
                 f"SpriteVAE.decode expects (B, {self.config.latent_channels}, h, w) latents, got shape {tuple(z.shape)}"
             )
         if self.decoder_cross_attn is not None and encoder_hidden_states is None:
-            raise ConfigError(
+            raise ValueError(
                 "SpriteVAE.decode: this VAE has decoder_cross_attention=True and needs encoder_hidden_states "
                 "(the text embeddings of the captions)"
             )

@@ -27,7 +27,9 @@ from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_
 from pokediff.models.text import load_text_encoder
 from pokediff.models.unet import build_unet
 from pokediff.models.vae import SpriteVAE
-from pokediff.pipeline import PokeSpritePipeline, build_inference_scheduler, build_noise_scheduler
+from pokediff.hub import write_model_card
+from pokediff.pipeline import PokeSpritePipeline
+from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
 from pokediff.training.loop import run_epochs, start_training
 from pokediff.training.metrics import log_image_grid
@@ -349,8 +351,9 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             text_encoder.to("cpu"),
             tokenizer,
         )
-        pipe.save_pretrained(
-            folder / "pipeline",
+        pipe.save_pretrained(folder / "pipeline")
+        write_model_card(
+            folder / "pipeline", stages={2: state.global_step},
             extra={"run": cfg.runtime.experiment_name, "stage 2 steps": state.global_step,
                    "stage 2 best val loss": round(state.best_val_loss, 5)},
         )

@@ -19,7 +19,7 @@ import torch
 
 from pokediff.data import COLOR_NAMES
 from pokediff.eval.color import agreement_from_predictions, color_in_text, dominant_color
-from pokediff.fileio import swap_into_place
+from pokediff.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     from pokediff.data import load_splits
     from pokediff.models.text import load_text_encoder
     from pokediff.pipeline import PokeSpritePipeline
-    from pokediff.training.common import atomic_save_pretrained
+    from pokediff.hub import recorded_facts, write_model_card
+    from pokediff.training.checkpoints import atomic_save_pretrained
     from pokediff.training.stage3_text import METRICS_FILE
 
     num, seed = cfg.stage3.gate_samples, cfg.runtime.seed
@@ -90,12 +91,11 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         }
         if kept == "stage2":
             atomic_save_pretrained(pretrained, pipeline_dir / "text_encoder")
+        _record_on_card(pipeline_dir, verdict, recorded_facts, write_model_card)
     metrics_path = run / METRICS_FILE
     report = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     report[GATE_KEY] = verdict
-    tmp = run / f".tmp-{METRICS_FILE}"
-    tmp.write_text(json.dumps(report, indent=2))
-    swap_into_place(tmp, metrics_path)
+    write_text_atomic(metrics_path, json.dumps(report, indent=2))
     if "stage3_text_encoder" in verdict:
         logger.info("stage 3 gate: colour agreement %.3f with stage 2's text encoder, %.3f with stage 3's -> "
                     "the pipeline keeps %s's", verdict["stage2_text_encoder"], verdict["stage3_text_encoder"],
@@ -103,3 +103,18 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     else:
         logger.info("stage 3 gate: %s", verdict["reason"])
     return verdict
+
+
+def _record_on_card(pipeline_dir: Path, verdict: dict, recorded_facts, write_model_card) -> None:
+    """The model card says what the pipeline holds: with stage 2's text encoder kept, it no longer claims a
+    fine-tuned one (stage 3 ran, but its weights are not these)."""
+    facts = recorded_facts(pipeline_dir)
+    stages = {int(k): v for k, v in (facts.get("stages") or {}).items()}
+    if verdict["kept"] == "stage2":
+        stages.pop(3, None)
+    line = (f"colour agreement {verdict['stage2_text_encoder']:.3f} with the pretrained text encoder, "
+            f"{verdict['stage3_text_encoder']:.3f} with stage 3's: " +
+            ("stage 3's text encoder is kept" if verdict["kept"] == "stage3"
+             else "stage 3 ran but did not help, so this pipeline keeps the pretrained text encoder"))
+    write_model_card(pipeline_dir, stages=stages if facts.get("stages") is not None else None,
+                     metrics=facts.get("metrics"), extra={**(facts.get("extra") or {}), "stage 3 gate": line})

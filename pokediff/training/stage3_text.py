@@ -39,7 +39,8 @@ from pokediff.models.clip import (
 )
 from pokediff.models.text import load_text_encoder
 from pokediff.models.vae import SpriteVAE
-from pokediff.pipeline import build_noise_scheduler
+from pokediff.hub import write_model_card
+from pokediff.schedulers import build_noise_scheduler
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
 from pokediff.training.loop import run_epochs, start_training
 from pokediff.training.metrics import log_image_grid
@@ -397,7 +398,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         pipe = assemble_pipeline(cfg, SpriteVAE.from_pretrained(str(vae_path)),
                                  UNet2DConditionModel.from_pretrained(str(unet_path)),
                                  AutoModel.from_pretrained(str(text_dir)), tokenizer)
-        pipe.save_pretrained(pipeline_dir, extra=extra)
+        pipe.save_pretrained(pipeline_dir)
+        write_model_card(pipeline_dir, stages={3: state.global_step}, extra=extra)
         if isinstance(scorer, DomainClipScorer):
             # eval finds the domain CLIP beside the pipeline
             _atomic_copytree(Path(scorer.path), pipeline_dir / DOMAIN_CLIP_DIRNAME)
