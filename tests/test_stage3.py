@@ -271,3 +271,6 @@ def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(stage12, 
     assert_same(weights(run / "text_encoder"), weights(pipeline_dir.parent / "text_encoder"))  # kept for inspection
     pipe = PokeSpritePipeline.from_pretrained(str(run / "pipeline"))  # still a whole, loadable pipeline
     assert pipe.text_encoder is not None
+    card = (run / "pipeline" / "README.md").read_text()  # the card claims a tuned encoder only if it is there
+    assert "stage 3 gate" in card and f"{s2:.3f} with the pretrained text encoder" in card
+    assert ("Stage 3: ran for these weights" in card) == (verdict == "stage3")
