@@ -27,21 +27,29 @@ STAGES = ("1", "2", "3")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: configs/default.yaml on a GPU, configs/cpu.yaml "
-                                         "without one)")
+    parser.add_argument(
+        "--config", help="YAML config (default: configs/default.yaml on a GPU, configs/cpu.yaml without one)"
+    )
     parser.add_argument("--stage", choices=("all",) + STAGES, default="all", help="which stage(s) to run")
     parser.add_argument("--experiment-name", help="run folder name (runtime.experiment_name)")
     parser.add_argument("--output-dir", help="parent of the run folder (runtime.output_dir)")
-    parser.add_argument("--resume", metavar="latest|PATH",
-                        help="'latest' continues each stage from its newest checkpoint (a finished stage is only "
-                             "re-finalised); PATH is one checkpoint folder, whose stage is resumed")
+    parser.add_argument(
+        "--resume",
+        metavar="latest|PATH",
+        help="'latest' continues each stage from its newest checkpoint (a finished stage is only "
+        "re-finalised); PATH is one checkpoint folder, whose stage is resumed",
+    )
     parser.add_argument("--vae-checkpoint", help="VAE folder for stages 2-3 (default: <run>/vae)")
-    parser.add_argument("--diffusion-checkpoint",
-                        help="U-Net folder or pipeline folder for stage 3 (default: <run>/unet)")
+    parser.add_argument(
+        "--diffusion-checkpoint", help="U-Net folder or pipeline folder for stage 3 (default: <run>/unet)"
+    )
     parser.add_argument("--data-stats", action="store_true", help="print dataset statistics as JSON and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="load config and data, build the chosen stages' models, print parameter counts and "
-                             "the step plan, and exit without training or writing anything")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load config and data, build the chosen stages' models, print parameter counts and "
+        "the step plan, and exit without training or writing anything",
+    )
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps (smoke runs)")
     parser.add_argument("--push-to-hub", action="store_true", help="upload <run>/pipeline when training ends")
     parser.add_argument("--hub-model-id", help="hub repository for --push-to-hub, e.g. user/pokediff")
@@ -68,8 +76,12 @@ def default_config_path(cuda_available: bool | None = None) -> tuple[Path, str |
 
 def build_run_config(args: argparse.Namespace):
     overrides = list(args.overrides)
-    for flag, key in (("experiment_name", "runtime.experiment_name"), ("output_dir", "runtime.output_dir"),
-                      ("max_steps", "runtime.max_steps"), ("hub_model_id", "hub.hub_model_id")):
+    for flag, key in (
+        ("experiment_name", "runtime.experiment_name"),
+        ("output_dir", "runtime.output_dir"),
+        ("max_steps", "runtime.max_steps"),
+        ("hub_model_id", "hub.hub_model_id"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -112,8 +124,9 @@ def push_pipeline(cfg, pipeline_dir: Path) -> str:
     """Upload the pipeline folder (with its model card naming the repo) to ``cfg.hub.hub_model_id``."""
     from pokediff.hub import push_pipeline_folder
 
-    push_pipeline_folder(pipeline_dir, cfg.hub.hub_model_id, extra={"run": cfg.runtime.experiment_name},
-                         private=cfg.hub.private)
+    push_pipeline_folder(
+        pipeline_dir, cfg.hub.hub_model_id, extra={"run": cfg.runtime.experiment_name}, private=cfg.hub.private
+    )
     return cfg.hub.hub_model_id
 
 
@@ -135,14 +148,15 @@ def main(argv=None, accelerator=None) -> dict:
 
     run = run_dir(cfg)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    resume_for = {s: args.resume for s in stages}
+    resume_for = dict.fromkeys(stages, args.resume)
     if args.resume not in (None, "latest"):
         # an explicit checkpoint belongs to one stage: earlier stages are done, later ones start fresh
         stage = _stage_of_checkpoint(args.resume)
         if stage not in stages:
             raise CheckpointError(
-                f"--resume {args.resume} is a stage {stage} checkpoint but --stage {args.stage} was asked")
-        stages = stages[stages.index(stage):]
+                f"--resume {args.resume} is a stage {stage} checkpoint but --stage {args.stage} was asked"
+            )
+        stages = stages[stages.index(stage) :]
         resume_for = {s: (args.resume if s == stage else None) for s in stages}
 
     vae_path = Path(args.vae_checkpoint).expanduser() if args.vae_checkpoint else run / "vae"

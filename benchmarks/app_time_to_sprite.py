@@ -26,8 +26,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -57,8 +64,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the page's)")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--screenshot", default=None, help="save a PNG of the page after the sprites appear")
-    p.add_argument("--timing-steps", type=int, default=None,
-                   help="passed to the app: steps of the sprite it times at startup (default: the app's)")
+    p.add_argument(
+        "--timing-steps",
+        type=int,
+        default=None,
+        help="passed to the app: steps of the sprite it times at startup (default: the app's)",
+    )
     p.add_argument("--startup-timeout", type=float, default=1800)
     args = p.parse_args(argv)
 
@@ -104,8 +115,13 @@ def main(argv=None) -> dict:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-    outside = sorted({u for u in requests if urlparse(u).hostname not in ("127.0.0.1", None)
-                      and not u.startswith(("data:", "blob:"))})
+    outside = sorted(
+        {
+            u
+            for u in requests
+            if urlparse(u).hostname not in ("127.0.0.1", None) and not u.startswith(("data:", "blob:"))
+        }
+    )
     result = {
         "model": args.model,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -26,13 +26,18 @@ def score(args) -> dict:
     from pokediff.eval.runner import EvalSettings, evaluate, save_grid
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"name": args.name, "model": str(args.model), "train_minutes": args.train_minutes,
-           "machine": args.machine}
+    out = {"name": args.name, "model": str(args.model), "train_minutes": args.train_minutes, "machine": args.machine}
     for split, num in (("train", args.train_num), ("val", None)):
-        settings = EvalSettings(split=split, num=num, seed=0, batch_size=args.batch_size,
-                                memorization=split == "val", recon_num=64 if split == "val" else 0,
-                                diversity_samples=4 if split == "val" else 0,
-                                freeform_samples=2 if split == "val" else 0)
+        settings = EvalSettings(
+            split=split,
+            num=num,
+            seed=0,
+            batch_size=args.batch_size,
+            memorization=split == "val",
+            recon_num=64 if split == "val" else 0,
+            diversity_samples=4 if split == "val" else 0,
+            freeform_samples=2 if split == "val" else 0,
+        )
         result, grid = evaluate(args.model, settings, device="cpu", progress=not args.quiet)
         out[split] = result
         if len(grid):
@@ -52,15 +57,20 @@ def row(result: dict) -> dict:
     real = val.get("color_agreement_real")
     return {
         "name": result["name"],
-        "kid_train": train["kid_mean"], "fid_train": train["fid"],
-        "color_val": val.get("color_agreement"), "color_val_over_real": _ratio(val.get("color_agreement"), real),
+        "kid_train": train["kid_mean"],
+        "fid_train": train["fid"],
+        "color_val": val.get("color_agreement"),
+        "color_val_over_real": _ratio(val.get("color_agreement"), real),
         "color_freeform": val.get("color_agreement_freeform"),
         "color_freeform_over_real": _ratio(val.get("color_agreement_freeform"), real),
         "color_real": real,
-        "diversity": val.get("diversity"), "diversity_real": val.get("diversity_real_dataset"),
-        "nn_train_max": val.get("nn_train_similarity_max"), "nn_train_real_max": val.get("nn_train_similarity_real_max"),
+        "diversity": val.get("diversity"),
+        "diversity_real": val.get("diversity_real_dataset"),
+        "nn_train_max": val.get("nn_train_similarity_max"),
+        "nn_train_real_max": val.get("nn_train_similarity_real_max"),
         "closer_than_real_max": val.get("nn_train_closer_than_real_max"),
-        "train_minutes": result.get("train_minutes"), "machine": result.get("machine"),
+        "train_minutes": result.get("train_minutes"),
+        "machine": result.get("machine"),
     }
 
 

@@ -42,8 +42,12 @@ def main(argv=None) -> dict:
 
     out = {
         "benchmark": "eval_speed",
-        "device": args.device + (f" ({torch.cuda.get_device_name()})" if on_gpu else f" ({platform.machine()}, "
-                                 f"{torch.get_num_threads()} threads)"),
+        "device": args.device
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if on_gpu
+            else f" ({platform.machine()}, {torch.get_num_threads()} threads)"
+        ),
         "torch": torch.__version__,
     }
     t0 = time.perf_counter()
@@ -61,22 +65,38 @@ def main(argv=None) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    out["inception"] = {"images": num, "batch_size": batch_size, "seconds": round(elapsed, 3),
-                        "images_per_s": round(num / elapsed, 2)}
+    out["inception"] = {
+        "images": num,
+        "batch_size": batch_size,
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(num / elapsed, 2),
+    }
 
     data_cfg = DataConfig(augment=False, **({"root": args.data_root} if args.data_root else {}))
     splits = load_splits(data_cfg)
     if not args.skip_reference:
         with tempfile.TemporaryDirectory() as cache:
             t0 = time.perf_counter()
-            ref = reference_features(splits[args.split], data_cfg, args.split, net, cache_dir=cache,
-                                     batch_size=batch_size, device=args.device, progress=False)
+            ref = reference_features(
+                splits[args.split],
+                data_cfg,
+                args.split,
+                net,
+                cache_dir=cache,
+                batch_size=batch_size,
+                device=args.device,
+                progress=False,
+            )
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             reference_features(splits[args.split], data_cfg, args.split, net, cache_dir=cache, progress=False)
             hit = time.perf_counter() - t0
-        out["reference"] = {"split": args.split, "images": int(ref.features.shape[0]),
-                            "build_s": round(build, 2), "cache_hit_s": round(hit, 3)}
+        out["reference"] = {
+            "split": args.split,
+            "images": int(ref.features.shape[0]),
+            "build_s": round(build, 2),
+            "cache_hit_s": round(hit, 3),
+        }
 
     # colour judge ceiling on every real sprite, as the eval sees them (composited on the background)
     t0 = time.perf_counter()
@@ -90,9 +110,12 @@ def main(argv=None) -> dict:
         judged += result["num_scored"]
         colours.extend(t for t in targets if t)
     majority = max(colours.count(c) for c in set(colours)) / len(colours)
-    out["color_judge"] = {"agreement_by_split": ceilings, "images": judged,
-                          "majority_colour_rate": round(majority, 4),
-                          "ms_per_image": round(1000 * (time.perf_counter() - t0) / judged, 2)}
+    out["color_judge"] = {
+        "agreement_by_split": ceilings,
+        "images": judged,
+        "majority_colour_rate": round(majority, 4),
+        "ms_per_image": round(1000 * (time.perf_counter() - t0) / judged, 2),
+    }
     print(json.dumps(out, indent=2))
     return out
 

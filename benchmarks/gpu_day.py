@@ -59,13 +59,20 @@ SEED_BASE = {"train": 0, "val": 100_000, "freeform": 200_000}  # seed of sample 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder (the device's $OUT/...); at most 7 files")
-    p.add_argument("--config", default=None, help="training config (default: configs/gpu_quick.yaml; "
-                                                   "configs/tiny.yaml with --dry-run)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="training config (default: configs/gpu_quick.yaml; configs/tiny.yaml with --dry-run)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, 2 steps per stage, tiny counts")
     p.add_argument("--work-dir", default=None, help="training run folder (default: a temporary folder)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the whole command; optional phases that no longer fit are skipped "
-                        "(default: 510 s, i.e. 8.5 min; none with --dry-run)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole command; optional phases that no longer fit are skipped "
+        "(default: 510 s, i.e. 8.5 min; none with --dry-run)",
+    )
     p.add_argument("--device", default=None, help="default: cuda when available (cpu with --dry-run)")
     p.add_argument("--train-samples", type=int, default=None, help="samples from training captions (1000; dry 4)")
     p.add_argument("--val-captions", type=int, default=None, help="val captions sampled (default all; dry 2)")
@@ -73,24 +80,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-caption", type=int, default=2, help="samples per val caption and per free-form prompt")
     p.add_argument("--steps", type=int, default=None, help="inference steps for the samples (25; dry 2)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["samples", "sampling_speed", "train_throughput"],
-                   help="phases to leave out")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["samples", "sampling_speed", "train_throughput"],
+        help="phases to leave out",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = p.parse_args(argv)
     dry = args.dry_run
     args.config = args.config or str(REPO / "configs" / ("tiny.yaml" if dry else "gpu_quick.yaml"))
     args.device = args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda")
     args.budget_s = args.budget_s if args.budget_s is not None else (None if dry else 510.0)
-    defaults = {"train_samples": (4, 1000), "val_captions": (2, None), "freeform_prompts": (2, None),
-                "steps": (2, 25)}
+    defaults = {"train_samples": (4, 1000), "val_captions": (2, None), "freeform_prompts": (2, None), "steps": (2, 25)}
     for name, (dry_value, real_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, dry_value if dry else real_value)
     if dry:
-        args.overrides = ["runtime.max_steps=2", "stage1.batch_size=4", "stage2.batch_size=4", "stage3.batch_size=2",
-                          "stage3.eval_num_prompts=2", "clip.domain_epochs=2", "stage2.sample_images_per_prompt=1",
-                          "clip.min_top1_over_chance=0",  # a 2-epoch domain CLIP checks plumbing, not quality
-                          *args.overrides]
+        args.overrides = [
+            "runtime.max_steps=2",
+            "stage1.batch_size=4",
+            "stage2.batch_size=4",
+            "stage3.batch_size=2",
+            "stage3.eval_num_prompts=2",
+            "clip.domain_epochs=2",
+            "stage2.sample_images_per_prompt=1",
+            "clip.min_top1_over_chance=0",  # a 2-epoch domain CLIP checks plumbing, not quality
+            *args.overrides,
+        ]
     for name in ("train_samples", "per_caption", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -112,8 +130,11 @@ class Run:
             "dry_run": args.dry_run,
             "config": os.path.relpath(args.config, REPO),
             "overrides": args.overrides,
-            "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                       else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+            "device": (
+                torch.cuda.get_device_name()
+                if args.device.startswith("cuda")
+                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+            ),
             "versions": _versions(),
             "budget_s": self.budget,
             "phases": {},
@@ -134,9 +155,14 @@ class Run:
         left = self.budget - self.elapsed()
         if left >= PHASE_MIN_SECONDS[phase]:
             return True
-        self.record(phase, {"status": "skipped",
-                            "reason": f"{left:.0f} s left of the {self.budget:.0f} s budget, it needs "
-                                      f"~{PHASE_MIN_SECONDS[phase]} s"})
+        self.record(
+            phase,
+            {
+                "status": "skipped",
+                "reason": f"{left:.0f} s left of the {self.budget:.0f} s budget, it needs "
+                f"~{PHASE_MIN_SECONDS[phase]} s",
+            },
+        )
         self.log(f"{phase}: skipped ({left:.0f} s left)")
         return False
 
@@ -158,8 +184,10 @@ class Run:
             status = "done"
         except Exception as err:  # a failed phase must not cost the phases after it
             self.log(f"{name}: FAILED: {type(err).__name__}: {err}")
-            result, status = {"error": f"{type(err).__name__}: {err}",
-                              "traceback": traceback.format_exc(limit=8)}, "failed"
+            result, status = (
+                {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)},
+                "failed",
+            )
         result = {"status": status, "seconds": round(time.perf_counter() - start, 1), **(result or {})}
         self.record(name, result)
         self.log(f"{name}: {status} in {result['seconds']} s")
@@ -170,8 +198,12 @@ def _versions() -> dict:
     import diffusers
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     return out
@@ -186,16 +218,19 @@ def train_phase(run: Run, args, work: Path) -> dict:
     from pokediff.training.stage2_unet import train_stage2
     from pokediff.training.stage3_text import train_stage3
 
-    targs = train_3stage.parse_args(["--config", args.config, "--output-dir", str(work), "--experiment-name",
-                                     "gpu_day", *args.overrides])
+    targs = train_3stage.parse_args(
+        ["--config", args.config, "--output-dir", str(work), "--experiment-name", "gpu_day", *args.overrides]
+    )
     cfg = train_3stage.build_run_config(targs)
     if args.device == "cpu":
         cfg.runtime.cpu = True
     accelerator = build_accelerator(cfg)
     result = {"run_dir": str(run_dir(cfg)), "mixed_precision": accelerator.mixed_precision}
-    stages = (("stage1", lambda: train_stage1(cfg, accelerator)),
-              ("stage2", lambda: train_stage2(cfg, result["vae"], accelerator)),
-              ("stage3", lambda: train_stage3(cfg, result["vae"], result["unet"], accelerator)))
+    stages = (
+        ("stage1", lambda: train_stage1(cfg, accelerator)),
+        ("stage2", lambda: train_stage2(cfg, result["vae"], accelerator)),
+        ("stage3", lambda: train_stage3(cfg, result["vae"], result["unet"], accelerator)),
+    )
     for (name, fn), key in zip(stages, ("vae", "unet", "pipeline")):
         run.log(f"train: {name} start")
         start = time.perf_counter()
@@ -212,8 +247,12 @@ def train_phase(run: Run, args, work: Path) -> dict:
         for row in read_losses(losses):
             steps[row["stage"]] = max(steps.get(row["stage"], 0), int(row["step"]))
         result["optimizer_steps"] = steps
-    result["config_resolved"] = {"stage1": dataclasses.asdict(cfg.stage1), "stage2": dataclasses.asdict(cfg.stage2),
-                                 "stage3": dataclasses.asdict(cfg.stage3), "scheduler": dataclasses.asdict(cfg.scheduler)}
+    result["config_resolved"] = {
+        "stage1": dataclasses.asdict(cfg.stage1),
+        "stage2": dataclasses.asdict(cfg.stage2),
+        "stage3": dataclasses.asdict(cfg.stage3),
+        "scheduler": dataclasses.asdict(cfg.scheduler),
+    }
     run.data_cfg = cfg.data
     return result
 
@@ -233,15 +272,30 @@ def sample_plan(data_cfg, args) -> list[dict]:
 
     captions, rows = split_rows("train")
     for row in _rows_for(splits["train"], args.train_samples, seed=0):
-        plan.append({"prompt": captions[row], "target_color": _target_color(rows[row], captions[row]),
-                     "source": "train", "row": row})
+        plan.append(
+            {
+                "prompt": captions[row],
+                "target_color": _target_color(rows[row], captions[row]),
+                "source": "train",
+                "row": row,
+            }
+        )
     captions, rows = split_rows("val")
     for row in range(min(args.val_captions or len(captions), len(captions))):
-        plan += [{"prompt": captions[row], "target_color": _target_color(rows[row], captions[row]),
-                  "source": "val", "row": row} for _ in range(args.per_caption)]
+        plan += [
+            {
+                "prompt": captions[row],
+                "target_color": _target_color(rows[row], captions[row]),
+                "source": "val",
+                "row": row,
+            }
+            for _ in range(args.per_caption)
+        ]
     for prompt, color in FREEFORM_PROMPTS[: args.freeform_prompts or len(FREEFORM_PROMPTS)]:
-        plan += [{"prompt": prompt, "target_color": color, "source": "freeform", "row": None}
-                 for _ in range(args.per_caption)]
+        plan += [
+            {"prompt": prompt, "target_color": color, "source": "freeform", "row": None}
+            for _ in range(args.per_caption)
+        ]
     counters: dict = {}
     for item in plan:
         index = counters[item["source"]] = counters.get(item["source"], -1) + 1
@@ -264,8 +318,9 @@ def samples_phase(run: Run, args, pipeline_dir: Path) -> dict:
         if not items:
             continue
         # image k of a call uses seed `seed + k`: the plan's seeds are base + index, so one call per source
-        for batch in sampler.sample([item["prompt"] for item in items], seed=items[0]["seed"],
-                                    batch_size=batch_size, progress=False):
+        for batch in sampler.sample(
+            [item["prompt"] for item in items], seed=items[0]["seed"], batch_size=batch_size, progress=False
+        ):
             images.extend(batch)
         run.log(f"samples: {source} done ({len(items)} images, {time.perf_counter() - start:.1f} s so far)")
     generate_s = time.perf_counter() - start
@@ -276,15 +331,31 @@ def samples_phase(run: Run, args, pipeline_dir: Path) -> dict:
             # per-caption samples side by side: each row holds 8 images, i.e. 4 prompts x 2
             grid = save_grid(torch.stack(source_images[:64]), run.out / f"grid_{source}.png", nrow=8)
             grids[source] = grid.name
-    run_info = {"data": _portable_data_config(run.data_cfg), "generated_by": {
-        "pipeline": str(pipeline_dir), "config": run.summary["config"], **sampler.describe()}}
-    records = [SampleRecord(file=i["file"], prompt=i["prompt"], seed=i["seed"], target_color=i["target_color"],
-                            source=i["source"], row=i["row"]) for i in plan]
+    run_info = {
+        "data": _portable_data_config(run.data_cfg),
+        "generated_by": {"pipeline": str(pipeline_dir), "config": run.summary["config"], **sampler.describe()},
+    }
+    records = [
+        SampleRecord(
+            file=i["file"],
+            prompt=i["prompt"],
+            seed=i["seed"],
+            target_color=i["target_color"],
+            source=i["source"],
+            row=i["row"],
+        )
+        for i in plan
+    ]
     packed = pack_samples([to_uint8(im) for im in images], records, run.out, run_info=run_info)
-    return {"num_images": len(images), "by_source": {s: sum(i["source"] == s for i in plan)
-                                                     for s in ("train", "val", "freeform")},
-            "steps": args.steps, "generate_s": round(generate_s, 1),
-            "images_per_s": round(len(images) / generate_s, 2), "grids": grids, **packed}
+    return {
+        "num_images": len(images),
+        "by_source": {s: sum(i["source"] == s for i in plan) for s in ("train", "val", "freeform")},
+        "steps": args.steps,
+        "generate_s": round(generate_s, 1),
+        "images_per_s": round(len(images) / generate_s, 2),
+        "grids": grids,
+        **packed,
+    }
 
 
 def _portable_data_config(data_cfg) -> dict:
@@ -300,9 +371,23 @@ def sampling_speed_phase(run: Run, args, pipeline_dir: Path) -> dict:
     import sampling_speed
 
     dry = args.dry_run
-    base = ["--model", str(pipeline_dir), "--device", args.device, "--num", "4" if dry else "64",
-            "--batch-size", "4" if dry else "64", "--steps", "2" if dry else "25", "--schedulers", "dpm",
-            "--repeats", "1" if dry else "3", "--no-cpu-latency"]
+    base = [
+        "--model",
+        str(pipeline_dir),
+        "--device",
+        args.device,
+        "--num",
+        "4" if dry else "64",
+        "--batch-size",
+        "4" if dry else "64",
+        "--steps",
+        "2" if dry else "25",
+        "--schedulers",
+        "dpm",
+        "--repeats",
+        "1" if dry else "3",
+        "--no-cpu-latency",
+    ]
     out = {"float32": sampling_speed.main(base + ["--dtype", "float32"])}
     run.record("sampling_speed", {"status": "running", **out})
     if args.device.startswith("cuda"):
@@ -337,8 +422,10 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run = Run(args)
-    run.log(f"gpu_day: config {run.summary['config']}, device {run.summary['device']}, out {run.out}, "
-            f"budget {args.budget_s} s")
+    run.log(
+        f"gpu_day: config {run.summary['config']}, device {run.summary['device']}, out {run.out}, "
+        f"budget {args.budget_s} s"
+    )
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gpu_day_"))
     train = run.phase("train", train_phase, args, work)
     pipeline_dir = Path(train.get("pipeline", "")) if train["status"] == "done" else None

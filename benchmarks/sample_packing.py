@@ -50,14 +50,21 @@ def main(argv=None) -> dict:
     arrays = [to_uint8(im) for im in originals]
     originals = torch.stack([image_tensor_from_array(a) for a in arrays])  # what an 8-bit writer keeps anyway
     net = load_feature_net(args.features, "cpu")
-    ref = extract_features(torch.cat(list(real_image_batches(splits[args.ref], cfg, 16))), net, batch_size=16,
-                           progress=False)
+    ref = extract_features(
+        torch.cat(list(real_image_batches(splits[args.ref], cfg, 16))), net, batch_size=16, progress=False
+    )
     orig_feats = extract_features(originals, net, batch_size=16, progress=False)
     orig_colors = [dominant_color(im, cfg.background) for im in originals]
     kid_size = min(len(ref), len(arrays))
     kid_ref_orig = kernel_inception_distance(ref, orig_feats, subsets=50, subset_size=kid_size)[0]
-    result = {"split": args.split, "num_images": len(arrays), "reference": f"{args.ref} ({len(ref)} images)",
-              "features": args.features, "kid_ref_vs_original": kid_ref_orig, "encodings": {}}
+    result = {
+        "split": args.split,
+        "num_images": len(arrays),
+        "reference": f"{args.ref} ({len(ref)} images)",
+        "features": args.features,
+        "kid_ref_vs_original": kid_ref_orig,
+        "encodings": {},
+    }
     for quality in (None, *args.qualities):
         encoded = [encode_webp(a, quality) for a in arrays]
         decoded = torch.stack([image_tensor(decode(b)) for b in encoded])
@@ -70,8 +77,9 @@ def main(argv=None) -> dict:
             "max_abs_pixel_error": float(diff.max()),
             "mean_abs_pixel_error": round(float(diff.mean()), 3),
             "colour_judge_changed": round(float(np.mean([a != b for a, b in zip(orig_colors, colors)])), 4),
-            "kid_original_vs_packed": kernel_inception_distance(orig_feats, feats, subsets=50,
-                                                                subset_size=len(arrays))[0],
+            "kid_original_vs_packed": kernel_inception_distance(orig_feats, feats, subsets=50, subset_size=len(arrays))[
+                0
+            ],
             "kid_ref_vs_packed": kid_ref_packed,
             "kid_shift": kid_ref_packed - kid_ref_orig,
         }

@@ -71,20 +71,34 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="default: stage2.batch_size of the config")
     parser.add_argument("--steps", type=int, help="timed steps (default 30 on GPU, 3 with --tiny)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on GPU, 1 with --tiny)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast in both loops (default: on for CUDA with bf16, off on CPU)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in both loops (default: on for CUDA with bf16, off on CPU)",
+    )
     parser.add_argument("--channels-last", action="store_true", help="channels_last U-Net in both loops")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net in both loops")
-    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-                        help="torch.compile mode; reduce-overhead replays CUDA graphs (default: %(default)s)")
-    parser.add_argument("--compile-backend", default=None,
-                        help="torch.compile backend (default: inductor on CUDA; aot_eager on CPU, which checks the "
-                             "graph capture without compiling C++)")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode; reduce-overhead replays CUDA graphs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default: inductor on CUDA; aot_eager on CPU, which checks the "
+        "graph capture without compiling C++)",
+    )
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in both loops")
     parser.add_argument("--foreach-ema", action="store_true", help="EMAModel(foreach=True) in both loops")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: from the device name)")
-    parser.add_argument("--check", action="store_true",
-                        help="instead of timing: the loss of a fixed batch over 2 steps with each lever on/off")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead of timing: the loss of a fixed batch over 2 steps with each lever on/off",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
@@ -136,11 +150,17 @@ class Bench:
         self.vae = build_vae(cfg.vae, cfg.data.resolution).to(device).eval().requires_grad_(False)
         self.tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
         self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-        self.unet_init = build_unet(cfg.unet, cfg.vae.latent_channels, self.vae.latent_size(),
-                                    text_encoder.config.hidden_size)
+        self.unet_init = build_unet(
+            cfg.unet, cfg.vae.latent_channels, self.vae.latent_size(), text_encoder.config.hidden_size
+        )
         self.noise_scheduler = build_noise_scheduler(cfg.scheduler)
-        self.pixels = torch.rand(batch, 3, cfg.data.resolution, cfg.data.resolution,
-                                 generator=torch.Generator().manual_seed(seed)).to(device) * 2 - 1
+        self.pixels = (
+            torch.rand(
+                batch, 3, cfg.data.resolution, cfg.data.resolution, generator=torch.Generator().manual_seed(seed)
+            ).to(device)
+            * 2
+            - 1
+        )
         self.captions = real_captions(batch)
         with torch.no_grad():
             posterior = self.vae.encode(self.pixels).latent_dist
@@ -162,14 +182,23 @@ class Bench:
         g, m = self.generator(step), self.cached_mean
         eps = torch.randn(m.shape, generator=g, device=self.device)
         noise = torch.randn(m.shape, generator=g, device=self.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (self.batch,), generator=g,
-                          device=self.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (self.batch,), generator=g, device=self.device
+        )
         clamp = self.cfg.stage2.latent_clamp
         latents = ((m + self.cached_std * eps) * self.scaling).clamp(-clamp, clamp)
         with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return diffusion_loss(model, self.noise_scheduler, latents, self.cached_emb, self.cached_mask,
-                                  self.cfg.stage2.huber_delta, self.cfg.stage2.min_snr_gamma, noise=noise,
-                                  timesteps=t)
+            return diffusion_loss(
+                model,
+                self.noise_scheduler,
+                latents,
+                self.cached_emb,
+                self.cached_mask,
+                self.cfg.stage2.huber_delta,
+                self.cfg.stage2.min_snr_gamma,
+                noise=noise,
+                timesteps=t,
+            )
 
     def stock_loss(self, model, step: int, amp_dtype):
         g = self.generator(step)
@@ -178,8 +207,9 @@ class Bench:
                 latents = self.vae.encode(self.pixels).latent_dist.sample(generator=g).float() * self.scaling
                 emb, mask = self.encode_text()
             noise = torch.randn(latents.shape, generator=g, device=self.device)
-            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (self.batch,), generator=g,
-                              device=self.device)
+            t = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (self.batch,), generator=g, device=self.device
+            )
             noisy = self.noise_scheduler.add_noise(latents, noise, t)
             pred = model(noisy, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
         return F.mse_loss(pred.float(), noise.float())
@@ -217,8 +247,7 @@ class TrainLoop:
         return loss.detach()
 
 
-def lever_check(bench: Bench, base: Levers, steps: int = 2, kinds=("ours", "stock"),
-                levers=LEVERS) -> dict:
+def lever_check(bench: Bench, base: Levers, steps: int = 2, kinds=("ours", "stock"), levers=LEVERS) -> dict:
     """Loss of the fixed batch at each of ``steps`` steps, baseline vs each lever flipped on alone.
 
     Step 0 compares the forward pass, step 1 also the first optimizer/EMA update. Returns
@@ -276,17 +305,21 @@ def _benchmark(args) -> dict:
         torch.backends.cudnn.allow_tf32 = cfg.runtime.allow_tf32
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     levers = Levers(
-        bf16=bf16_ok if args.bf16 is None else args.bf16, channels_last=args.channels_last, compile=args.compile,
+        bf16=bf16_ok if args.bf16 is None else args.bf16,
+        channels_last=args.channels_last,
+        compile=args.compile,
         compile_mode=args.compile_mode,
-        compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"), fused_adamw=args.fused_adamw,
+        compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
+        fused_adamw=args.fused_adamw,
         foreach_ema=args.foreach_ema,
     )
     batch = args.batch_size or cfg.stage2.batch_size
     bench = Bench(cfg, device, batch)
     result = {
         "benchmark": "stage2_train_throughput",
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({torch.get_num_threads()} threads)"),
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+        ),
         "torch": torch.__version__,
         "config": os.path.relpath(config),
         "batch_size": batch,
@@ -295,7 +328,7 @@ def _benchmark(args) -> dict:
     }
     if args.check:
         result["benchmark"] = "stage2_lever_check"
-        result["fixed_batch_losses"] = lever_check(bench, replace(levers, **{name: False for name in LEVERS}))
+        result["fixed_batch_losses"] = lever_check(bench, replace(levers, **dict.fromkeys(LEVERS, False)))
     else:
         steps = args.steps or (3 if args.tiny else 30)
         warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)

@@ -40,8 +40,12 @@ def score(cfg, vae_dir: Path, device) -> dict:
 
     with torch.no_grad():
         return reconstruction_metrics(
-            vae, ((b["pixel_values"], b["text"]) for b in loader), load_perceptual(cfg.perceptual).to(device),
-            encode_text=encode_text, device=device, progress=False,
+            vae,
+            ((b["pixel_values"], b["text"]) for b in loader),
+            load_perceptual(cfg.perceptual).to(device),
+            encode_text=encode_text,
+            device=device,
+            progress=False,
         )
 
 
@@ -57,18 +61,29 @@ def main(argv=None) -> dict:
         results = {}
         for cross in (False, True):
             name = f"decoder_cross_attention_{'on' if cross else 'off'}"
-            cfg = load_config(args.config, list(args.overrides) + [
-                f"vae.decoder_cross_attention={cross}", f"runtime.output_dir={out}",
-                f"runtime.experiment_name={name}", "runtime.report_to=none",
-            ])
+            cfg = load_config(
+                args.config,
+                list(args.overrides)
+                + [
+                    f"vae.decoder_cross_attention={cross}",
+                    f"runtime.output_dir={out}",
+                    f"runtime.experiment_name={name}",
+                    "runtime.report_to=none",
+                ],
+            )
             start = time.perf_counter()
             vae_dir = train_stage1(cfg)
             train_s = time.perf_counter() - start
             device = "cuda" if torch.cuda.is_available() and not cfg.runtime.cpu else "cpu"
             results[name] = {**score(cfg, vae_dir, device), "train_seconds": round(train_s, 1)}
     better = min(results, key=lambda k: results[k]["perceptual"] if "perceptual" in results[k] else results[k]["l1"])
-    report = {"benchmark": "vae_decoder_cross_attention", "config": args.config, "overrides": args.overrides,
-              "results": results, "better_by_perceptual": better}
+    report = {
+        "benchmark": "vae_decoder_cross_attention",
+        "config": args.config,
+        "overrides": args.overrides,
+        "results": results,
+        "better_by_perceptual": better,
+    }
     print(json.dumps(report, indent=2))
     return report
 

@@ -51,9 +51,23 @@ def main(argv=None) -> dict:
     while pending or running:
         while pending and len(running) < args.jobs:
             name, overrides = pending.pop(0)
-            cmd = [sys.executable, str(REPO / "train_3stage.py"), "--config", args.config, "--stage", "1",
-                   "--output-dir", str(out_dir), "--experiment-name", name, "--max-steps", str(args.max_steps),
-                   "runtime.num_threads=1", "runtime.report_to=none", *overrides]
+            cmd = [
+                sys.executable,
+                str(REPO / "train_3stage.py"),
+                "--config",
+                args.config,
+                "--stage",
+                "1",
+                "--output-dir",
+                str(out_dir),
+                "--experiment-name",
+                name,
+                "--max-steps",
+                str(args.max_steps),
+                "runtime.num_threads=1",
+                "runtime.report_to=none",
+                *overrides,
+            ]
             log = open(out_dir / f"{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
         time.sleep(2)
@@ -74,8 +88,12 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, overrides)
         metrics = score(cfg, out_dir / name / "vae", "cpu")
         grids = sorted((out_dir / name / "samples").glob("stage1_epoch*.png"))
-        results[name] = {"overrides": overrides, **{k: round(float(v), 4) for k, v in metrics.items()},
-                         "train_wall_s": wall[name], "grid": str(grids[-1]) if grids else None}
+        results[name] = {
+            "overrides": overrides,
+            **{k: round(float(v), 4) for k, v in metrics.items()},
+            "train_wall_s": wall[name],
+            "grid": str(grids[-1]) if grids else None,
+        }
     summary = {"config": args.config, "max_steps": args.max_steps, "variants": results}
     text = json.dumps(summary, indent=2)
     print(text)

@@ -50,7 +50,7 @@ SYSTEM_MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Lib
 
 # ------------------------------------------------------------------------------------------ models
 def describe_model_kind(path) -> str:
-    """"diffusion", "gan", or "hub" (a hub id of a pipeline) for a ``--model`` value; ValueError otherwise."""
+    """ "diffusion", "gan", or "hub" (a hub id of a pipeline) for a ``--model`` value; ValueError otherwise."""
     from pokediff.gan.checkpoint import is_gan_checkpoint
 
     text = str(path)
@@ -185,14 +185,36 @@ class SpriteDemo:
         # a one-step call first: the first forward pass pays one-off costs (allocator, kernel selection) that
         # would make the page's figure several times too high
         for warm_steps in (1, steps):
-            self.generate(model.name, EXAMPLE_PROMPTS[0], "", 1, 0, False, warm_steps, DEFAULT_GUIDANCE_SCALE,
-                          SAVED_SCHEDULER, False, ANY_TYPE)
+            self.generate(
+                model.name,
+                EXAMPLE_PROMPTS[0],
+                "",
+                1,
+                0,
+                False,
+                warm_steps,
+                DEFAULT_GUIDANCE_SCALE,
+                SAVED_SCHEDULER,
+                False,
+                ANY_TYPE,
+            )
         self.startup_seconds, self.startup_steps = self.timing[model.name], steps
         return self.startup_seconds
 
     # -------------------------------------------------------------- checks
-    def check_request(self, model_name, prompt, negative_prompt, num_sprites, seed, steps, guidance, scheduler,
-                      transparent, sprite_type) -> SpriteRequest:
+    def check_request(
+        self,
+        model_name,
+        prompt,
+        negative_prompt,
+        num_sprites,
+        seed,
+        steps,
+        guidance,
+        scheduler,
+        transparent,
+        sprite_type,
+    ) -> SpriteRequest:
         """A checked :class:`SpriteRequest`; bad input raises ``gr.Error`` naming the bad field."""
         if model_name not in self.models:
             raise gr.Error(f"unknown model {model_name!r}; choose one of: {', '.join(self.models)}")
@@ -203,7 +225,7 @@ class SpriteDemo:
             raise gr.Error("the prompt and the negative prompt must be text")
         prompt = prompt.strip()
         if model.is_diffusion and not prompt:
-            raise gr.Error("the prompt is empty: describe a sprite, e.g. \"" + EXAMPLE_PROMPTS[0] + "\"")
+            raise gr.Error('the prompt is empty: describe a sprite, e.g. "' + EXAMPLE_PROMPTS[0] + '"')
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
             if len(text) > MAX_PROMPT_CHARS:
                 raise gr.Error(f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
@@ -218,8 +240,18 @@ class SpriteDemo:
             sprite_type = None
         elif sprite_type not in TYPE_NAMES:
             raise gr.Error(f"unknown type {sprite_type!r}; choose one of: {ANY_TYPE}, {', '.join(TYPE_NAMES)}")
-        return SpriteRequest(model, prompt, negative_prompt or None, num_sprites, seed, steps, float(guidance),
-                             scheduler, bool(transparent), sprite_type)
+        return SpriteRequest(
+            model,
+            prompt,
+            negative_prompt or None,
+            num_sprites,
+            seed,
+            steps,
+            float(guidance),
+            scheduler,
+            bool(transparent),
+            sprite_type,
+        )
 
     def _check_prompt_length(self, request: SpriteRequest) -> None:
         # after loading: the token limit belongs to the model; longer prompts would be cut silently
@@ -228,8 +260,7 @@ class SpriteDemo:
             tokens = model.prompt_tokens(text)
             if tokens > model.max_text_length:
                 raise gr.Error(
-                    f"the {name} is {tokens} tokens long; this model reads at most {model.max_text_length} — "
-                    "shorten it"
+                    f"the {name} is {tokens} tokens long; this model reads at most {model.max_text_length} — shorten it"
                 )
 
     # -------------------------------------------------------------- generation
@@ -261,8 +292,16 @@ class SpriteDemo:
         model = request.model
         images = []
         for k in range(request.num_sprites):  # one call per sprite: sprite k uses seed + k, as for diffusion
-            images.append(sample_generator(model.generator, model.meta, 1, seed=request.seed + k,
-                                           type_name=request.sprite_type, device=model.device))
+            images.append(
+                sample_generator(
+                    model.generator,
+                    model.meta,
+                    1,
+                    seed=request.seed + k,
+                    type_name=request.sprite_type,
+                    device=model.device,
+                )
+            )
             progress((k + 1, request.num_sprites), desc="sampling", unit="sprites")
         images = torch.cat(images)
         if request.transparent:
@@ -270,16 +309,30 @@ class SpriteDemo:
             images = add_alpha(images, background)
         return to_pil(images)
 
-    def generate(self, model_name, prompt, negative_prompt, num_sprites, seed, randomize_seed, steps, guidance,
-                 scheduler, transparent, sprite_type, progress=gr.Progress()):
+    def generate(
+        self,
+        model_name,
+        prompt,
+        negative_prompt,
+        num_sprites,
+        seed,
+        randomize_seed,
+        steps,
+        guidance,
+        scheduler,
+        transparent,
+        sprite_type,
+        progress=gr.Progress(),
+    ):
         """The request handler: ``(gallery items [(image, caption)], seed used, status text)``.
 
         Bad input raises ``gr.Error`` (shown in the page; the server keeps serving).
         """
         if randomize_seed:
             seed = random.randint(0, MAX_SEED)
-        request = self.check_request(model_name, prompt, negative_prompt, num_sprites, seed, steps, guidance,
-                                     scheduler, transparent, sprite_type)
+        request = self.check_request(
+            model_name, prompt, negative_prompt, num_sprites, seed, steps, guidance, scheduler, transparent, sprite_type
+        )
         model = request.model
         with model.lock:
             try:
@@ -316,8 +369,10 @@ class SpriteDemo:
         what = f"at {steps} step{'s' * (steps != 1)} " if self.default_model.is_diffusion else ""
         threads = torch.get_num_threads()
         where = f"{self.device.type}, {threads} CPU thread{'s' * (threads != 1)}"
-        return (f"On this machine ({where}) one sprite {what}takes about **{self.startup_seconds:.2f} s**; "
-                "fewer steps are faster.")
+        return (
+            f"On this machine ({where}) one sprite {what}takes about **{self.startup_seconds:.2f} s**; "
+            "fewer steps are faster."
+        )
 
 
 # ------------------------------------------------------------------------------------------ the page
@@ -329,22 +384,33 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
     """The Blocks page; its one event (``api_name="generate"``) calls :meth:`SpriteDemo.generate`."""
     first = demo_models.default_model
     with gr.Blocks(title="pokediff sprites", analytics_enabled=False) as demo:
-        gr.Markdown("# pokediff: text to sprite\nDescribe a creature; get sprites. " + demo_models.timing_note(),
-                    elem_id="intro")
+        gr.Markdown(
+            "# pokediff: text to sprite\nDescribe a creature; get sprites. " + demo_models.timing_note(),
+            elem_id="intro",
+        )
         with gr.Row():
             with gr.Column(scale=2):
-                model = gr.Dropdown(list(demo_models.models), value=first.name, label="Model",
-                                    visible=len(demo_models.models) > 1)
-                prompt = gr.Textbox(label="Prompt", placeholder=EXAMPLE_PROMPTS[0], lines=2, elem_id="prompt",
-                                    max_length=MAX_PROMPT_CHARS)
+                model = gr.Dropdown(
+                    list(demo_models.models), value=first.name, label="Model", visible=len(demo_models.models) > 1
+                )
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    placeholder=EXAMPLE_PROMPTS[0],
+                    lines=2,
+                    elem_id="prompt",
+                    max_length=MAX_PROMPT_CHARS,
+                )
                 negative = gr.Textbox(label="Negative prompt (optional)", lines=1)
-                sprite_type = gr.Dropdown([ANY_TYPE, *TYPE_NAMES], value=ANY_TYPE,
-                                          label="Type (type-conditional GAN)", visible=first.type_conditional)
+                sprite_type = gr.Dropdown(
+                    [ANY_TYPE, *TYPE_NAMES],
+                    value=ANY_TYPE,
+                    label="Type (type-conditional GAN)",
+                    visible=first.type_conditional,
+                )
                 with gr.Row():
                     num_sprites = gr.Slider(1, MAX_SPRITES, value=4, step=1, label="Sprites", elem_id="num_sprites")
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE_SCALE, step=0.5,
-                                         label="Guidance")
+                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Randomize seed")
@@ -354,8 +420,14 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Sprites", columns=4, format="png", elem_id="gallery",
-                                     object_fit="contain", buttons=["download", "download_all", "fullscreen"])
+                gallery = gr.Gallery(
+                    label="Sprites",
+                    columns=4,
+                    format="png",
+                    elem_id="gallery",
+                    object_fit="contain",
+                    buttons=["download", "download_all", "fullscreen"],
+                )
                 status = gr.Markdown(elem_id="status")
 
         def show_type_picker(name):
@@ -367,20 +439,38 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
             return gr.update(visible=visible)
 
         model.change(show_type_picker, inputs=model, outputs=sprite_type, api_name=False)
-        inputs = [model, prompt, negative, num_sprites, seed, randomize, steps, guidance, scheduler, transparent,
-                  sprite_type]
+        inputs = [
+            model,
+            prompt,
+            negative,
+            num_sprites,
+            seed,
+            randomize,
+            steps,
+            guidance,
+            scheduler,
+            transparent,
+            sprite_type,
+        ]
         # one job per model at a time; the per-model lock guards callers outside the queue too
         limit = len(demo_models.models)
-        gr.on([button.click, prompt.submit], demo_models.generate, inputs=inputs, outputs=[gallery, seed, status],
-              api_name="generate", concurrency_limit=limit)
+        gr.on(
+            [button.click, prompt.submit],
+            demo_models.generate,
+            inputs=inputs,
+            outputs=[gallery, seed, status],
+            api_name="generate",
+            concurrency_limit=limit,
+        )
     demo.queue(max_size=64)
     return demo
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs):
     """Start the server (offline: system fonts, no analytics); returns what ``Blocks.launch`` returns."""
-    return demo.launch(server_name=host, server_port=port, share=share, theme=build_theme(),
-                       footer_links=["api"], **kwargs)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, theme=build_theme(), footer_links=["api"], **kwargs
+    )
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -394,15 +484,23 @@ def default_model_path() -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pokediff.app", description=__doc__.splitlines()[0])
-    p.add_argument("--model", action="append", default=None,
-                   help="pipeline folder or hub id, or GAN checkpoint/run folder; repeat for a model picker "
-                        "(default: outputs/<experiment>/pipeline)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="pipeline folder or hub id, or GAN checkpoint/run folder; repeat for a model picker "
+        "(default: outputs/<experiment>/pipeline)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--timing-steps", type=int, default=DEFAULT_STEPS,
-                   help="steps of the one sprite timed at startup for the page's CPU-time note (0: skip)")
+    p.add_argument(
+        "--timing-steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="steps of the one sprite timed at startup for the page's CPU-time note (0: skip)",
+    )
     return p.parse_args(argv)
 
 

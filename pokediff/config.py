@@ -262,7 +262,11 @@ def _unknown_key(where: str, cls) -> ConfigError:
     parent, _, key = where.rpartition(".")
     prefix = f"{parent}." if parent else ""
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys under '{parent or '<root>'}': {', '.join(valid)}"
+    hint = (
+        f"; did you mean '{prefix}{close[0]}'?"
+        if close
+        else f"; valid keys under '{parent or '<root>'}': {', '.join(valid)}"
+    )
     return ConfigError(f"unknown config key '{where}'{hint}")
 
 
@@ -305,8 +309,7 @@ def _coerce(value: Any, tp, optional: bool, where: str):
     elif tp is list:
         if isinstance(value, (list, tuple)):
             # numbers inside lists (split_fractions: [8e-1, ...]) get the same YAML 1.1 fix
-            return [_float_from_text(v) if isinstance(v, str) and _float_from_text(v) is not None else v
-                    for v in value]
+            return [_float_from_text(v) if isinstance(v, str) and _float_from_text(v) is not None else v for v in value]
     else:
         return value
     raise ConfigError(f"config key '{where}' expects {tp.__name__}, got {given!r}")
@@ -451,8 +454,9 @@ class ConfigChecker:
         self._each(keys, lambda v: isinstance(v, int) and v >= low, f"must be an integer >= {low}", optional)
 
     def positive(self, *keys, optional: bool = False):
-        self._each(keys, lambda v: _is_number(v) and math.isfinite(v) and v > 0, "must be a finite number > 0",
-                   optional)
+        self._each(
+            keys, lambda v: _is_number(v) and math.isfinite(v) and v > 0, "must be a finite number > 0", optional
+        )
 
     def non_negative(self, *keys):
         self._each(keys, lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "must be a finite number >= 0")
@@ -462,7 +466,7 @@ class ConfigChecker:
 
     def fraction(self, *keys, low_open: bool = False, high_open: bool = False, optional: bool = False):
         def ok(v):
-            return (_is_number(v) and (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1))
+            return _is_number(v) and (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1)
 
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
         self._each(keys, ok, f"must be a number in {interval}", optional)
@@ -489,8 +493,11 @@ class ConfigChecker:
     def channels(self, section: str):
         channels, groups = self.value(f"{section}.block_out_channels"), self.value(f"{section}.norm_num_groups")
         if not channels or not all(isinstance(c, int) and c >= 1 and c % groups == 0 for c in channels):
-            self.fail(f"{section}.block_out_channels", channels,
-                      f"must be a non-empty list of integers >= 1, each divisible by {section}.norm_num_groups={groups}")
+            self.fail(
+                f"{section}.block_out_channels",
+                channels,
+                f"must be a non-empty list of integers >= 1, each divisible by {section}.norm_num_groups={groups}",
+            )
 
 
 def _check_data(c: ConfigChecker) -> None:
@@ -501,8 +508,11 @@ def _check_data(c: ConfigChecker) -> None:
     if len(background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in background):
         c.fail("data.background", background, "must be three integers in [0, 255] (R, G, B)")
     fractions = c.value("data.split_fractions")
-    if (len(fractions) != 3 or not all(_is_number(v) and 0 <= v <= 1 for v in fractions)
-            or abs(sum(fractions) - 1.0) > 1e-6):
+    if (
+        len(fractions) != 3
+        or not all(_is_number(v) and 0 <= v <= 1 for v in fractions)
+        or abs(sum(fractions) - 1.0) > 1e-6
+    ):
         c.fail("data.split_fractions", fractions, "must be three numbers in [0, 1] summing to 1 (train, val, test)")
     generations = c.value("data.filter_generations")
     if not all(isinstance(g, int) and g >= 1 for g in generations):
@@ -513,8 +523,11 @@ def _check_data(c: ConfigChecker) -> None:
     c.non_negative("data.augmentation.rotation")
     jitter = c.value("data.augmentation.color_jitter")
     if len(jitter) != 4 or not all(_is_number(v) and v >= 0 for v in jitter) or (len(jitter) == 4 and jitter[3] > 0.5):
-        c.fail("data.augmentation.color_jitter", jitter,
-               "must be four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)")
+        c.fail(
+            "data.augmentation.color_jitter",
+            jitter,
+            "must be four numbers >= 0 (brightness, contrast, saturation, hue <= 0.5)",
+        )
 
 
 def _check_models(c: ConfigChecker) -> None:
@@ -523,9 +536,17 @@ def _check_models(c: ConfigChecker) -> None:
     c.choice("perceptual.net", PERCEPTUAL_NETS)
     if c.value("vae.in_channels") != 3:
         c.fail("vae.in_channels", c.value("vae.in_channels"), "must be 3 (sprites are composited to RGB)")
-    c.ints_at_least(1, "vae.latent_channels", "vae.layers_per_block", "vae.norm_num_groups",
-                    "vae.cross_attention_dim", "unet.layers_per_block", "unet.attention_head_dim",
-                    "unet.cross_attention_dim", "unet.norm_num_groups")
+    c.ints_at_least(
+        1,
+        "vae.latent_channels",
+        "vae.layers_per_block",
+        "vae.norm_num_groups",
+        "vae.cross_attention_dim",
+        "unet.layers_per_block",
+        "unet.attention_head_dim",
+        "unet.cross_attention_dim",
+        "unet.norm_num_groups",
+    )
     c.positive("vae.scaling_factor")
     c.channels("vae")
     c.channels("unet")
@@ -534,8 +555,11 @@ def _check_models(c: ConfigChecker) -> None:
         if len(c.value(key)) != len(channels):
             c.fail(key, c.value(key), f"must name one block per unet.block_out_channels entry ({len(channels)})")
     if not any("CrossAttn" in b for b in c.value("unet.down_block_types") + c.value("unet.up_block_types")):
-        c.fail("unet.down_block_types", c.value("unet.down_block_types"),
-               "needs a CrossAttn block (here or in unet.up_block_types), or the text is ignored")
+        c.fail(
+            "unet.down_block_types",
+            c.value("unet.down_block_types"),
+            "needs a CrossAttn block (here or in unet.up_block_types), or the text is ignored",
+        )
     c.ints_at_least(1, "scheduler.num_train_timesteps", "scheduler.num_inference_steps")
     c.choice("scheduler.beta_schedule", BETA_SCHEDULES)
     c.choice("scheduler.prediction_type", PREDICTION_TYPES)
@@ -547,8 +571,14 @@ def _check_runtime(c: ConfigChecker) -> None:
     c.choice("runtime.mixed_precision", MIXED_PRECISIONS)
     c.choice("runtime.report_to", REPORT_TO)
     c.non_empty_text("runtime.output_dir", "runtime.experiment_name")
-    c.ints_at_least(1, "runtime.gradient_accumulation_steps", "runtime.checkpoint_every_steps",
-                    "runtime.checkpoints_total_limit", "runtime.sample_every_epochs", "runtime.nan_max_consecutive")
+    c.ints_at_least(
+        1,
+        "runtime.gradient_accumulation_steps",
+        "runtime.checkpoint_every_steps",
+        "runtime.checkpoints_total_limit",
+        "runtime.sample_every_epochs",
+        "runtime.nan_max_consecutive",
+    )
     c.ints_at_least(1, "runtime.max_steps", optional=True)
     c.at_least_one("runtime.grad_explosion_factor")
     c.ints_at_least(0, "runtime.num_threads")
@@ -565,8 +595,11 @@ def _check_stages(c: ConfigChecker) -> None:
     c.ints_at_least(1, "stage1.num_sample_images", "stage2.sample_images_per_prompt", "stage3.eval_num_prompts")
     c.ints_at_least(0, "stage3.gate_samples")
     if c.value("stage1.l1_weight") + c.value("stage1.perceptual_weight") == 0:
-        c.fail("stage1.l1_weight", c.value("stage1.l1_weight"),
-               "must be > 0 when stage1.perceptual_weight is 0 (nothing would teach reconstruction)")
+        c.fail(
+            "stage1.l1_weight",
+            c.value("stage1.l1_weight"),
+            "must be > 0 when stage1.perceptual_weight is 0 (nothing would teach reconstruction)",
+        )
     c.positive("stage2.huber_delta", "stage2.latent_clamp")
     c.positive("stage2.min_snr_gamma", optional=True)
     c.fraction("stage2.ema_decay", high_open=True)
@@ -575,15 +608,24 @@ def _check_stages(c: ConfigChecker) -> None:
         c.fail("stage2.sample_prompts", prompts, "must be a non-empty list of prompts")
     c.choice("clip.source", CLIP_SOURCES)
     c.non_empty_text("clip.model", "clip.pretrained")
-    c.ints_at_least(1, "clip.domain_epochs", "clip.domain_batch_size", "clip.domain_embed_dim",
-                    "clip.domain_hidden_dim", "clip.domain_image_size")
+    c.ints_at_least(
+        1,
+        "clip.domain_epochs",
+        "clip.domain_batch_size",
+        "clip.domain_embed_dim",
+        "clip.domain_hidden_dim",
+        "clip.domain_image_size",
+    )
     c.positive("clip.domain_learning_rate")
     c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance")
     c.choice("clip.domain_image_backbone", PERCEPTUAL_NETS)
     c.non_negative("stage3.clip_weight", "stage3.denoise_weight", "stage3.anchor_weight", "stage3.null_anchor_weight")
     if c.value("stage3.clip_weight") + c.value("stage3.denoise_weight") == 0:
-        c.fail("stage3.clip_weight", c.value("stage3.clip_weight"),
-               "must be > 0 when stage3.denoise_weight is 0 (the text encoder would learn nothing)")
+        c.fail(
+            "stage3.clip_weight",
+            c.value("stage3.clip_weight"),
+            "must be > 0 when stage3.denoise_weight is 0 (the text encoder would learn nothing)",
+        )
     c.fraction("stage3.clip_max_timestep_fraction", low_open=True)
 
 

@@ -11,5 +11,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"device '{name}' is not a device name (auto | cpu | cuda | cuda:N): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' was asked for but CUDA is not available on this machine; use 'cpu' or 'auto'")
+        raise ValueError(
+            f"device '{name}' was asked for but CUDA is not available on this machine; use 'cpu' or 'auto'"
+        )
     return device

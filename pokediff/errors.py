@@ -60,8 +60,17 @@ def report_user_errors(main, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------- outputs
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-                 errno.EEXIST, errno.EFBIG}
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+}
 
 
 def write_failure(path, err: BaseException) -> OutputNotWritableError | None:

@@ -19,7 +19,6 @@ from pokediff.errors import PokediffError, check_writable_file, write_failure
 from pokediff.pipeline import PokeSpritePipeline
 from pokediff.schedulers import INFERENCE_SCHEDULERS, make_inference_scheduler
 
-
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
@@ -46,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, >= 1 (default 4)")
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty caption in guidance)")
-    p.add_argument("--scheduler", choices=sorted(INFERENCE_SCHEDULERS), default=None,
-                   help="sampler; default: the one saved with the pipeline (DPM-Solver++)")
+    p.add_argument(
+        "--scheduler",
+        choices=sorted(INFERENCE_SCHEDULERS),
+        default=None,
+        help="sampler; default: the one saved with the pipeline (DPM-Solver++)",
+    )
     p.add_argument("--rgba", action="store_true", help="key the background out to transparency")
     p.add_argument("--batch-size", type=int, default=16, help="sprites per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
@@ -66,8 +69,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     last_seed = MAX_SEED - (args.num - 1)
     if not 0 <= args.seed <= last_seed:
         # sprite k uses seed + k, and torch seeds are unsigned 64-bit integers
-        raise ValueError(f"--seed must be in 0..{last_seed} with --num {args.num} (sprite k uses seed + k, "
-                         f"at most 2**64 - 1), got {args.seed}")
+        raise ValueError(
+            f"--seed must be in 0..{last_seed} with --num {args.num} (sprite k uses seed + k, "
+            f"at most 2**64 - 1), got {args.seed}"
+        )
     check_writable_file(out, "--out")  # before minutes of sampling, not after
     device = resolve_device(args.device)
     pipe = PokeSpritePipeline.from_pretrained(args.model)

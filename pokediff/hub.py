@@ -203,8 +203,11 @@ def build_model_card(
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved pipeline folder (no model_index.json)")
     index = json.loads((folder / "model_index.json").read_text())
-    facts = {"stages": dict(stages) if stages is not None else None, "metrics": dict(metrics or {}),
-             "extra": dict(extra or {})}
+    facts = {
+        "stages": dict(stages) if stages is not None else None,
+        "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
+    }
     card_data = ModelCardData(
         library_name="diffusers",
         license="other",
@@ -215,7 +218,10 @@ def build_model_card(
     )
     tables = "".join(
         "\n" + _table(title, header, values)
-        for title, header, values in (("Metrics", "metric", facts["metrics"]), ("Training details", "key", facts["extra"]))
+        for title, header, values in (
+            ("Metrics", "metric", facts["metrics"]),
+            ("Training details", "key", facts["extra"]),
+        )
         if values
     )
     class_name = index.get("_class_name")

@@ -186,7 +186,10 @@ class PokeSpritePipeline(DiffusionPipeline):
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
         try:
             super().save_pretrained(
-                tmp, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
+                tmp,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
                 use_flashpack=use_flashpack,
             )
             self._save_code(tmp)
@@ -231,7 +234,10 @@ class PokeSpritePipeline(DiffusionPipeline):
         card.save(tmp)
         swap_into_place(tmp, folder / "README.md")
         return self._upload_folder(
-            folder, repo_id, token=token, commit_message=kwargs.pop("commit_message", None),
+            folder,
+            repo_id,
+            token=token,
+            commit_message=kwargs.pop("commit_message", None),
             create_pr=kwargs.pop("create_pr", False),
         )
 
@@ -264,7 +270,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             return 1
         if isinstance(prompt, (list, tuple)):
             if len(prompt) == 0:
-                raise ValueError(f"`{name}` is an empty list; give at least one prompt (\"\" = unconditional)")
+                raise ValueError(f'`{name}` is an empty list; give at least one prompt ("" = unconditional)')
             bad = [p for p in prompt if not isinstance(p, str)]
             if bad:
                 raise ValueError(f"`{name}` must hold strings only; got {type(bad[0]).__name__} {bad[0]!r}")
@@ -289,12 +295,16 @@ class PokeSpritePipeline(DiffusionPipeline):
             num_negatives = self._check_prompt(negative_prompt, "negative_prompt")
             if num_negatives not in (1, num_prompts):
                 raise ValueError(
-                    f"`negative_prompt` has {num_negatives} entries but `prompt` has {num_prompts}; "
-                    "give one or as many"
+                    f"`negative_prompt` has {num_negatives} entries but `prompt` has {num_prompts}; give one or as many"
                 )
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or not guidance_scale >= 1 or math.isinf(guidance_scale):
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or isinstance(guidance_scale, bool)
+            or not guidance_scale >= 1
+            or math.isinf(guidance_scale)
+        ):
             # `not >= 1` also refuses NaN, which would otherwise switch guidance off without a word
             raise ValueError(
                 f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), "
@@ -331,8 +341,12 @@ class PokeSpritePipeline(DiffusionPipeline):
         full = self.tokenizer(captions, padding=False, truncation=False)["input_ids"]
         cut = sum(len(ids) > max_length for ids in full)
         if cut:
-            logger.warning("%d of %d captions are longer than %d tokens and were truncated", cut, len(captions), max_length)
-        return self.tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+            logger.warning(
+                "%d of %d captions are longer than %d tokens and were truncated", cut, len(captions), max_length
+            )
+        return self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
 
     @torch.no_grad()
     def _embed(self, captions: list[str], device, num_images_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +354,9 @@ class PokeSpritePipeline(DiffusionPipeline):
         input_ids = tokens["input_ids"].to(device)
         mask = tokens["attention_mask"].to(device)
         embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.to(self.unet.dtype)
-        return embeds.repeat_interleave(num_images_per_prompt, dim=0), mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0), mask.repeat_interleave(
+            num_images_per_prompt, dim=0
+        )
 
     def encode_prompt(
         self,
@@ -530,8 +546,15 @@ class PokeSpritePipeline(DiffusionPipeline):
 
         # 7. Denoising loop
         latents, prompt_embeds = self.denoise(
-            latents, timesteps, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, extra_step_kwargs,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            latents,
+            timesteps,
+            prompt_embeds,
+            prompt_mask,
+            negative_prompt_embeds,
+            negative_mask,
+            extra_step_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
 
         # 8. Decode and convert to the requested output

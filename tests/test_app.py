@@ -18,8 +18,15 @@ from pokediff import app
 from pokediff.app import ANY_TYPE, MAX_PROMPT_CHARS, SpriteDemo, build_demo, launch
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "outputs" / "test-artifacts"
 
 
@@ -35,11 +42,25 @@ def demo_models(pipeline_dir):
     return SpriteDemo([str(pipeline_dir)], device="cpu")
 
 
-def call(demo_models, prompt="a red fire creature", num=2, seed=3, randomize=False, steps=2, guidance=2.0,
-         scheduler="saved", transparent=False, sprite_type=ANY_TYPE, negative="", model=None, **kw):
+def call(
+    demo_models,
+    prompt="a red fire creature",
+    num=2,
+    seed=3,
+    randomize=False,
+    steps=2,
+    guidance=2.0,
+    scheduler="saved",
+    transparent=False,
+    sprite_type=ANY_TYPE,
+    negative="",
+    model=None,
+    **kw,
+):
     model = model or demo_models.default_model.name
-    return demo_models.generate(model, prompt, negative, num, seed, randomize, steps, guidance, scheduler,
-                                transparent, sprite_type, **kw)
+    return demo_models.generate(
+        model, prompt, negative, num, seed, randomize, steps, guidance, scheduler, transparent, sprite_type, **kw
+    )
 
 
 def pixels(image):
@@ -49,8 +70,9 @@ def pixels(image):
 # ------------------------------------------------------------------------------ (1) the handler, no server
 def test_handler_returns_seeded_sprites_and_reports_each_step(demo_models):
     steps_seen = []
-    items, seed, status = call(demo_models, num=3, seed=10, steps=3,
-                               progress=lambda p, desc=None, unit=None: steps_seen.append(p))
+    items, seed, status = call(
+        demo_models, num=3, seed=10, steps=3, progress=lambda p, desc=None, unit=None: steps_seen.append(p)
+    )
     assert seed == 10 and len(items) == 3
     assert [caption for _, caption in items] == ["seed 10", "seed 11", "seed 12"]
     assert all(isinstance(im, Image.Image) and im.size == (215, 215) and im.mode == "RGB" for im, _ in items)
@@ -64,29 +86,33 @@ def test_handler_returns_seeded_sprites_and_reports_each_step(demo_models):
 
 
 def test_handler_options_rgba_scheduler_negative_random_seed(demo_models):
-    items, seed, _ = call(demo_models, num=1, transparent=True, scheduler="ddim", negative="blurry",
-                          randomize=True, seed=5)
+    items, seed, _ = call(
+        demo_models, num=1, transparent=True, scheduler="ddim", negative="blurry", randomize=True, seed=5
+    )
     assert items[0][0].mode == "RGBA" and items[0][0].size == (215, 215)
     assert 0 <= seed <= app.MAX_SEED and items[0][1] == f"seed {seed}"
     assert demo_models.timing[demo_models.default_model.name] > 0
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"prompt": "   "}, "the prompt is empty"),
-    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"the prompt is {MAX_PROMPT_CHARS + 1} characters long"),
-    ({"prompt": "red " * 20}, "the prompt is 22 tokens long; this model reads at most 16"),  # + [CLS] [SEP]
-    ({"negative": "blue " * 30}, "the negative prompt is 32 tokens long"),
-    ({"num": 9}, "number of sprites must be from 1 to 8, got 9"),
-    ({"num": 2.5}, "number of sprites must be a whole number"),
-    ({"steps": 0}, "steps must be from 1 to 100, got 0"),
-    ({"steps": 101}, "steps must be from 1 to 100, got 101"),
-    ({"guidance": 0.5}, "guidance must be a number from 1 to 20"),
-    ({"guidance": 21}, "guidance must be a number from 1 to 20"),
-    ({"seed": -1}, "seed must be from 0 to"),
-    ({"scheduler": "euler"}, "unknown scheduler 'euler'"),
-    ({"sprite_type": "plasma"}, "unknown type 'plasma'"),
-    ({"model": "elsewhere"}, "unknown model 'elsewhere'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, f"the prompt is {MAX_PROMPT_CHARS + 1} characters long"),
+        ({"prompt": "red " * 20}, "the prompt is 22 tokens long; this model reads at most 16"),  # + [CLS] [SEP]
+        ({"negative": "blue " * 30}, "the negative prompt is 32 tokens long"),
+        ({"num": 9}, "number of sprites must be from 1 to 8, got 9"),
+        ({"num": 2.5}, "number of sprites must be a whole number"),
+        ({"steps": 0}, "steps must be from 1 to 100, got 0"),
+        ({"steps": 101}, "steps must be from 1 to 100, got 101"),
+        ({"guidance": 0.5}, "guidance must be a number from 1 to 20"),
+        ({"guidance": 21}, "guidance must be a number from 1 to 20"),
+        ({"seed": -1}, "seed must be from 0 to"),
+        ({"scheduler": "euler"}, "unknown scheduler 'euler'"),
+        ({"sprite_type": "plasma"}, "unknown type 'plasma'"),
+        ({"model": "elsewhere"}, "unknown model 'elsewhere'"),
+    ],
+)
 def test_bad_input_is_a_page_error_naming_the_field(demo_models, change, message):
     with pytest.raises(gr.Error) as err:
         call(demo_models, **change)
@@ -116,10 +142,18 @@ def test_gan_checkpoints_ignore_the_prompt_and_take_a_type(tmp_path):
     from pokediff.gan.config import load_gan_config
     from pokediff.gan.trainer import GanTrainer
 
-    tiny = {"model.g_features": 4, "model.d_features": 4, "model.g_max_features": 16, "model.d_max_features": 16,
-            "model.latent_dim": 8, "model.resolution": 16, "train.loss": "bce"}
+    tiny = {
+        "model.g_features": 4,
+        "model.d_features": 4,
+        "model.g_max_features": 16,
+        "model.d_max_features": 16,
+        "model.latent_dim": 8,
+        "model.resolution": 16,
+        "train.loss": "bce",
+    }
     GanTrainer(load_gan_config(overrides={**tiny, "model.name": "cdcgan"})).save(
-        tmp_path / "cdcgan" / "checkpoints" / "step_0000001")
+        tmp_path / "cdcgan" / "checkpoints" / "step_0000001"
+    )
     GanTrainer(load_gan_config(overrides={**tiny, "model.name": "dcgan"})).save(tmp_path / "dcgan")
     demo_models = SpriteDemo([str(tmp_path / "cdcgan"), str(tmp_path / "dcgan")])
     cdcgan, dcgan = demo_models.models.values()
@@ -172,8 +206,19 @@ def client(server):
 
 
 def request(prompt="a blue water turtle", num=2, seed=0, steps=2, guidance=1.0, transparent=False):
-    return dict(model_name=None, prompt=prompt, negative_prompt="", num_sprites=num, seed=seed, randomize_seed=False,
-                steps=steps, guidance=guidance, scheduler="saved", transparent=transparent, sprite_type=ANY_TYPE)
+    return dict(
+        model_name=None,
+        prompt=prompt,
+        negative_prompt="",
+        num_sprites=num,
+        seed=seed,
+        randomize_seed=False,
+        steps=steps,
+        guidance=guidance,
+        scheduler="saved",
+        transparent=transparent,
+        sprite_type=ANY_TYPE,
+    )
 
 
 def predict_args(demo_models, **kw):
@@ -183,8 +228,9 @@ def predict_args(demo_models, **kw):
 
 
 def test_served_app_returns_n_sprites_of_the_right_size(client, demo_models):
-    gallery, seed, status = client.predict(*predict_args(demo_models, num=3, seed=7, transparent=True),
-                                           api_name="/generate")
+    gallery, seed, status = client.predict(
+        *predict_args(demo_models, num=3, seed=7, transparent=True), api_name="/generate"
+    )
     assert seed == 7 and len(gallery) == 3 and "3 sprite(s)" in status
     for k, item in enumerate(gallery):
         assert item["caption"] == f"seed {7 + k}"
@@ -204,16 +250,19 @@ def test_served_app_shows_bad_input_and_keeps_serving(client, demo_models):
 
 
 def test_twenty_concurrent_requests_each_get_their_own_result(client, demo_models):
-    jobs = [client.submit(*predict_args(demo_models, num=1, seed=100 + i, steps=1), api_name="/generate")
-            for i in range(20)]
+    jobs = [
+        client.submit(*predict_args(demo_models, num=1, seed=100 + i, steps=1), api_name="/generate") for i in range(20)
+    ]
     for i, job in enumerate(jobs):  # gradio_client's Job: result() waits (concurrent.futures.wait does not)
         gallery, seed, _ = job.result(timeout=240)
         assert seed == 100 + i and [item["caption"] for item in gallery] == [f"seed {100 + i}"]
 
 
 # ------------------------------------------------------------------------------ (3) a real browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y "
-                                                  "chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; .ci/run installs it)",
+)
 def test_page_in_a_real_browser_generates_sprites_offline(server):
     from playwright.sync_api import sync_playwright
 
@@ -241,8 +290,12 @@ def test_page_in_a_real_browser_generates_sprites_offline(server):
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         finally:
             browser.close()
-    outside = [url for url in requests if urlparse(url).hostname not in ("127.0.0.1", None)
-               and not url.startswith(("data:", "blob:"))]
-    (ARTIFACTS / "app_requests.json").write_text(json.dumps(
-        {"time_to_first_sprite_s": round(first_sprite_s, 2), "requests": requests}, indent=1))
+    outside = [
+        url
+        for url in requests
+        if urlparse(url).hostname not in ("127.0.0.1", None) and not url.startswith(("data:", "blob:"))
+    ]
+    (ARTIFACTS / "app_requests.json").write_text(
+        json.dumps({"time_to_first_sprite_s": round(first_sprite_s, 2), "requests": requests}, indent=1)
+    )
     assert requests and not outside, outside

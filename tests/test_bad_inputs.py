@@ -74,19 +74,33 @@ DAMAGE = {
 
 # ------------------------------------------------------------------------------ damaged checkpoints
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint_named_and_latest_falls_back(damage, run_copy, tiny_data_root, text_encoder_dir,  # noqa: F811
-                                                        capsys, caplog):
+def test_damaged_checkpoint_named_and_latest_falls_back(
+    damage,
+    run_copy,
+    tiny_data_root,
+    text_encoder_dir,  # noqa: F811
+    capsys,
+    caplog,
+):
     name, spoil = DAMAGE[damage]
     first, newest = checkpoints(run_copy)
     spoil(newest / name)
     # an explicit checkpoint: one line naming the damaged file
-    line = cli_error(capsys, train_3stage.main, train_argv(
-        tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2", "--resume", str(newest)))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(
+            tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2", "--resume", str(newest)
+        ),
+    )
     assert line.startswith(f"error: checkpoint file {newest / name} is damaged")
     # --resume latest: the step-1 checkpoint instead, said in the log; the stage then finishes normally
     with caplog.at_level(logging.WARNING):
-        train_3stage.main(train_argv(tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2",
-                                     "--resume", "latest"))
+        train_3stage.main(
+            train_argv(
+                tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2", "--resume", "latest"
+            )
+        )
     warnings = [r.getMessage() for r in caplog.records]
     assert any(f"{newest / name} is damaged" in w for w in warnings), warnings
     assert any(f"falling back to {first}, the newest intact checkpoint" in w for w in warnings), warnings
@@ -98,20 +112,41 @@ def test_damaged_checkpoint_named_and_latest_falls_back(damage, run_copy, tiny_d
 def test_no_intact_checkpoint_is_one_line(run_copy, tiny_data_root, text_encoder_dir, capsys):  # noqa: F811
     for ckpt in checkpoints(run_copy):
         garble(ckpt / "training_state.json")
-    line = cli_error(capsys, train_3stage.main, train_argv(
-        tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2", "--resume", "latest"))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(
+            tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--max-steps", "2", "--resume", "latest"
+        ),
+    )
     assert line.startswith("error: --resume latest: no intact checkpoint in ")
 
 
-@pytest.mark.parametrize("flags, extra, message", [
-    (["--max-steps", "3"], {}, "was made for a 2-step stage1, this run gives 3 steps"),
-    (["--max-steps", "2"], {"vae.block_out_channels": [8, 16, 16, 32]},
-     "it was made with another model configuration (size mismatch for vae."),
-])
-def test_resume_with_other_settings_is_one_line(run_copy, tiny_data_root, text_encoder_dir, capsys,  # noqa: F811
-                                                flags, extra, message):
-    line = cli_error(capsys, train_3stage.main, train_argv(
-        tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--resume", "latest", *flags, **extra))
+@pytest.mark.parametrize(
+    "flags, extra, message",
+    [
+        (["--max-steps", "3"], {}, "was made for a 2-step stage1, this run gives 3 steps"),
+        (
+            ["--max-steps", "2"],
+            {"vae.block_out_channels": [8, 16, 16, 32]},
+            "it was made with another model configuration (size mismatch for vae.",
+        ),
+    ],
+)
+def test_resume_with_other_settings_is_one_line(
+    run_copy,
+    tiny_data_root,
+    text_encoder_dir,
+    capsys,  # noqa: F811
+    flags,
+    extra,
+    message,
+):
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(tiny_data_root, text_encoder_dir, run_copy, "--stage", "1", "--resume", "latest", *flags, **extra),
+    )
     assert message in line
 
 
@@ -119,37 +154,70 @@ def test_stage_1_from_a_stage_2_checkpoint_is_one_line(tmp_path, capsys):
     ckpt = tmp_path / "checkpoint-0000002"
     ckpt.mkdir()
     (ckpt / "training_state.json").write_text(json.dumps({"stage": "stage2", "global_step": 2}))
-    line = cli_error(capsys, train_3stage.main, ["--stage", "1", "--resume", str(ckpt),
-                                                 f"runtime.output_dir={tmp_path}"])
+    line = cli_error(
+        capsys, train_3stage.main, ["--stage", "1", "--resume", str(ckpt), f"runtime.output_dir={tmp_path}"]
+    )
     assert line == f"error: --resume {ckpt} is a stage 2 checkpoint but --stage 1 was asked"
     (ckpt / "training_state.json").write_text("{")
-    line = cli_error(capsys, train_3stage.main, ["--stage", "1", "--resume", str(ckpt),
-                                                 f"runtime.output_dir={tmp_path}"])
+    line = cli_error(
+        capsys, train_3stage.main, ["--stage", "1", "--resume", str(ckpt), f"runtime.output_dir={tmp_path}"]
+    )
     assert line.startswith(f"error: checkpoint file {ckpt / 'training_state.json'} is damaged")
 
 
 # ------------------------------------------------------------------------------ runs that go wrong
-def test_stage_1_without_a_finite_val_loss_stops_with_an_error(tiny_data_root, text_encoder_dir, tmp_path,  # noqa: F811
-                                                               capsys, monkeypatch):
+def test_stage_1_without_a_finite_val_loss_stops_with_an_error(
+    tiny_data_root,
+    text_encoder_dir,
+    tmp_path,  # noqa: F811
+    capsys,
+    monkeypatch,
+):
     monkeypatch.setattr(stage1_vae, "evaluate_vae", lambda *a, **k: float("nan"))
-    line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
-                                                           "--stage", "1", "--max-steps", "1"))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(tiny_data_root, text_encoder_dir, tmp_path, "--stage", "1", "--max-steps", "1"),
+    )
     assert line.startswith("error: stage 1 ended without usable weights: every validation loss was NaN/inf")
     assert not (tmp_path / "exp" / "vae").exists()
 
 
-def test_stage_2_without_a_finite_val_loss_stops_with_an_error(stage1_run, tiny_data_root, text_encoder_dir,  # noqa: F811
-                                                               tmp_path, capsys, monkeypatch):
+def test_stage_2_without_a_finite_val_loss_stops_with_an_error(
+    stage1_run,
+    tiny_data_root,
+    text_encoder_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     monkeypatch.setattr(stage2_unet, "validation_loss", lambda *a, **k: float("inf"))
-    line = cli_error(capsys, train_3stage.main, train_argv(
-        tiny_data_root, text_encoder_dir, tmp_path, "--stage", "2", "--max-steps", "1",
-        "--vae-checkpoint", str(stage1_run / "exp" / "vae")))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(
+            tiny_data_root,
+            text_encoder_dir,
+            tmp_path,
+            "--stage",
+            "2",
+            "--max-steps",
+            "1",
+            "--vae-checkpoint",
+            str(stage1_run / "exp" / "vae"),
+        ),
+    )
     assert line.startswith("error: stage 2 ended without usable weights")
     assert not (tmp_path / "exp" / "unet").exists()
 
 
-def test_nan_guard_fires_in_a_stage_shorter_than_its_limit(tiny_data_root, text_encoder_dir, tmp_path,  # noqa: F811
-                                                           capsys, monkeypatch):
+def test_nan_guard_fires_in_a_stage_shorter_than_its_limit(
+    tiny_data_root,
+    text_encoder_dir,
+    tmp_path,  # noqa: F811
+    capsys,
+    monkeypatch,
+):
     real = stage1_vae._vae_losses
 
     def nan_losses(*args, **kwargs):
@@ -157,9 +225,20 @@ def test_nan_guard_fires_in_a_stage_shorter_than_its_limit(tiny_data_root, text_
         return loss * float("nan"), parts, recon
 
     monkeypatch.setattr(stage1_vae, "_vae_losses", nan_losses)
-    line = cli_error(capsys, train_3stage.main, train_argv(
-        tiny_data_root, text_encoder_dir, tmp_path, "--stage", "1", "--max-steps", "2",
-        **{"runtime.nan_max_consecutive": 20}))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(
+            tiny_data_root,
+            text_encoder_dir,
+            tmp_path,
+            "--stage",
+            "1",
+            "--max-steps",
+            "2",
+            **{"runtime.nan_max_consecutive": 20},
+        ),
+    )
     assert line.startswith("error: stage1: 2 batches in a row had a non-finite loss")
 
 
@@ -180,8 +259,13 @@ def test_one_cycle_survives_runs_shorter_than_the_warmup(total_steps, warmup_fra
 
 
 # ------------------------------------------------------------------------------ outputs that cannot be written
-def test_disk_full_during_a_checkpoint_names_it_and_keeps_the_last_one(tiny_data_root, text_encoder_dir,  # noqa: F811
-                                                                      tmp_path, capsys, monkeypatch):
+def test_disk_full_during_a_checkpoint_names_it_and_keeps_the_last_one(
+    tiny_data_root,
+    text_encoder_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
     import accelerate.utils.other
 
     real_save = torch.save
@@ -193,26 +277,41 @@ def test_disk_full_during_a_checkpoint_names_it_and_keeps_the_last_one(tiny_data
 
     monkeypatch.setattr(torch, "save", save_until_full)
     monkeypatch.setattr(accelerate.utils.other.torch, "save", save_until_full)
-    line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
-                                                           "--stage", "1", "--max-steps", "3"))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(tiny_data_root, text_encoder_dir, tmp_path, "--stage", "1", "--max-steps", "3"),
+    )
     folder = tmp_path / "exp" / "checkpoints" / "stage1"
-    assert line.startswith(f"error: could not write {folder / '.tmp-checkpoint-0000002'}: the write failed (disk full?)")
+    assert line.startswith(
+        f"error: could not write {folder / '.tmp-checkpoint-0000002'}: the write failed (disk full?)"
+    )
     assert line.endswith(f"the last complete checkpoint {folder / 'checkpoint-0000001'} is intact")
     assert [p.name for p in folder.iterdir()] == ["checkpoint-0000001"]  # no half-written folder left
     verify_checkpoint_files(folder / "checkpoint-0000001")
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   PermissionError(errno.EROFS, "Read-only file system")])
-def test_unwritable_run_folder_names_the_path(tiny_data_root, text_encoder_dir, tmp_path, capsys,  # noqa: F811
-                                             monkeypatch, error):
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EROFS, "Read-only file system")]
+)
+def test_unwritable_run_folder_names_the_path(
+    tiny_data_root,
+    text_encoder_dir,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+    error,
+):
     def refuse(cfg, path):
         error.filename = str(path)
         raise error
 
     monkeypatch.setattr(training_setup, "save_config", refuse)
-    line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
-                                                           "--stage", "1", "--max-steps", "1"))
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(tiny_data_root, text_encoder_dir, tmp_path, "--stage", "1", "--max-steps", "1"),
+    )
     reason = "no space left on device" if error.errno == errno.ENOSPC else "read-only file system"
     assert line.startswith(f"error: could not write {tmp_path / 'exp' / 'config.yaml'}: {reason}")
 
@@ -227,15 +326,24 @@ def pipeline_dir(tmp_path_factory):
     return folder / "pipeline"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--guidance", "inf"], "`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got inf"),
-    (["--guidance", "nan"], "`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got nan"),
-    (["--seed", str(2**64 - 1), "--num", "2"], f"--seed must be in 0..{2**64 - 2} with --num 2"),
-    (["--seed", "-1"], "--seed must be in 0.."),
-    (["--out", "{tmp}/afile/x.png"], "--out {tmp}/afile/x.png: {tmp}/afile is a file, not a folder"),
-    (["--out", "{tmp}/adir"], "--out must be a .png path"),
-    (["--out", "{tmp}/adir.png"], "--out {tmp}/adir.png is a folder; give a file path"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--guidance", "inf"],
+            "`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got inf",
+        ),
+        (
+            ["--guidance", "nan"],
+            "`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got nan",
+        ),
+        (["--seed", str(2**64 - 1), "--num", "2"], f"--seed must be in 0..{2**64 - 2} with --num 2"),
+        (["--seed", "-1"], "--seed must be in 0.."),
+        (["--out", "{tmp}/afile/x.png"], "--out {tmp}/afile/x.png: {tmp}/afile is a file, not a folder"),
+        (["--out", "{tmp}/adir"], "--out must be a .png path"),
+        (["--out", "{tmp}/adir.png"], "--out {tmp}/adir.png is a folder; give a file path"),
+    ],
+)
 def test_generate_bad_arguments_fail_before_sampling(pipeline_dir, tmp_path, capsys, monkeypatch, extra, message):
     from pokediff import generate
     from pokediff.pipeline import PokeSpritePipeline
@@ -245,8 +353,18 @@ def test_generate_bad_arguments_fail_before_sampling(pipeline_dir, tmp_path, cap
     if "--guidance" not in extra:  # found from the arguments alone: before the pipeline is even loaded
         monkeypatch.setattr(PokeSpritePipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    argv = ["--model", str(pipeline_dir), "a cat", "--num", "1", "--steps", "1", "--out", str(tmp_path / "s.png"),
-            *extra]
+    argv = [
+        "--model",
+        str(pipeline_dir),
+        "a cat",
+        "--num",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "s.png"),
+        *extra,
+    ]
     assert generate.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
@@ -257,8 +375,24 @@ def test_generate_bad_arguments_fail_before_sampling(pipeline_dir, tmp_path, cap
 def test_generate_largest_seed_works(pipeline_dir, tmp_path):
     from pokediff import generate
 
-    assert generate.main(["--model", str(pipeline_dir), "a cat", "--num", "1", "--steps", "1", "--seed",
-                          str(2**64 - 1), "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        generate.main(
+            [
+                "--model",
+                str(pipeline_dir),
+                "a cat",
+                "--num",
+                "1",
+                "--steps",
+                "1",
+                "--seed",
+                str(2**64 - 1),
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_generate_read_only_out_is_refused_before_sampling(pipeline_dir, tmp_path, capsys, monkeypatch):
@@ -266,8 +400,10 @@ def test_generate_read_only_out_is_refused_before_sampling(pipeline_dir, tmp_pat
 
     monkeypatch.setattr(errors.os, "access", lambda path, mode: Path(path) != tmp_path)  # as for a non-root user
     assert generate.main(["--model", str(pipeline_dir), "a cat", "--out", str(tmp_path / "s.png")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 's.png'}: cannot write in {tmp_path} " \
-                                              "(permission denied)"
+    assert (
+        capsys.readouterr().err.strip() == f"error: --out {tmp_path / 's.png'}: cannot write in {tmp_path} "
+        "(permission denied)"
+    )
 
 
 # ------------------------------------------------------------------------------ eval
@@ -304,13 +440,16 @@ GAN_COMMON = ["--model", "dcgan"]
 GAN_OVERRIDES = ["train.batch_size=8", "runtime.report_to=none"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    (["--lr-d", "inf"], "--lr-d must be a finite number > 0, got inf"),
-    (["--max-steps", "0"], "--max-steps must be >= 1 (generator steps in total), got 0"),
-    (["--max-minutes", "0"], "--max-minutes must be a finite number > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr-d", "inf"], "--lr-d must be a finite number > 0, got inf"),
+        (["--max-steps", "0"], "--max-steps must be >= 1 (generator steps in total), got 0"),
+        (["--max-minutes", "0"], "--max-minutes must be a finite number > 0, got 0.0"),
+    ],
+)
 def test_gan_train_flag_values_are_checked(tmp_path, capsys, flags, message):
     from pokediff.gan import train as gan_train
 
@@ -327,9 +466,20 @@ def gan_run(tiny_data_root, tmp_path_factory):
     from pokediff.gan.config import GAN_CONFIG_DIR
 
     out = tmp_path_factory.mktemp("gan")
-    return gan_train.main(["--config", str(GAN_CONFIG_DIR / "tiny.yaml"), *GAN_COMMON, "--output-dir", str(out),
-                           "--max-steps", "1", *GAN_OVERRIDES, f"data.root={tiny_data_root}",
-                           "data.filter_generations=[]"])
+    return gan_train.main(
+        [
+            "--config",
+            str(GAN_CONFIG_DIR / "tiny.yaml"),
+            *GAN_COMMON,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            *GAN_OVERRIDES,
+            f"data.root={tiny_data_root}",
+            "data.filter_generations=[]",
+        ]
+    )
 
 
 def test_gan_generate_output_naming_a_file_is_refused(gan_run, tmp_path, capsys):
@@ -338,7 +488,10 @@ def test_gan_generate_output_naming_a_file_is_refused(gan_run, tmp_path, capsys)
     (tmp_path / "taken.png").write_text("x")
     with pytest.raises(SystemExit):
         gan_generate.main(["--checkpoint", str(gan_run), "--num", "2", "--output", str(tmp_path / "taken.png")])
-    assert capsys.readouterr().err.strip() == f"error: --output {tmp_path / 'taken.png'} is an existing file; give a folder"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --output {tmp_path / 'taken.png'} is an existing file; give a folder"
+    )
 
 
 @pytest.mark.parametrize("name, spoil", [("generator.safetensors", truncate), ("gan_checkpoint.json", garble)])
@@ -375,14 +528,27 @@ def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
 
 
-@pytest.mark.parametrize("flags, extra, message", [
-    (["--max-steps", "0"], {}, "error: runtime.max_steps=0: must be an integer >= 1 (or null)"),
-    ([], {"data.filter_generations": [9]}, "error: no rows left after filtering"),
-])
-def test_values_found_while_setting_up_a_stage_are_one_line(tiny_data_root, text_encoder_dir, tmp_path,  # noqa: F811
-                                                            capsys, flags, extra, message):
-    line = cli_error(capsys, train_3stage.main, train_argv(tiny_data_root, text_encoder_dir, tmp_path,
-                                                           "--stage", "1", *flags, **extra))
+@pytest.mark.parametrize(
+    "flags, extra, message",
+    [
+        (["--max-steps", "0"], {}, "error: runtime.max_steps=0: must be an integer >= 1 (or null)"),
+        ([], {"data.filter_generations": [9]}, "error: no rows left after filtering"),
+    ],
+)
+def test_values_found_while_setting_up_a_stage_are_one_line(
+    tiny_data_root,
+    text_encoder_dir,
+    tmp_path,  # noqa: F811
+    capsys,
+    flags,
+    extra,
+    message,
+):
+    line = cli_error(
+        capsys,
+        train_3stage.main,
+        train_argv(tiny_data_root, text_encoder_dir, tmp_path, "--stage", "1", *flags, **extra),
+    )
     assert line.startswith(message)
 
 
@@ -394,10 +560,14 @@ def test_write_failures_of_each_writer_are_recognised(tmp_path):
     target = tmp_path / "ckpt"
     cases = [
         (OSError(errno.ENOSPC, "No space left on device", str(target / "a.bin")), f"{target / 'a.bin'}: no space left"),
-        (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
-         f"{target}: the write failed (disk full?)"),
-        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
-         f"{target}: no space left on device"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+            f"{target}: the write failed (disk full?)",
+        ),
+        (
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            f"{target}: no space left on device",
+        ),
     ]
     for err, message in cases:
         failure = write_failure(target, err)

@@ -32,8 +32,14 @@ COLOURS = [(1, -1, -1), (-1, -1, 1), (-1, 1, -1), (1, 1, -1), (0.5, -1, 0.5), (0
 
 
 def tiny_clip_cfg(**kw) -> ClipConfig:
-    cfg = ClipConfig(domain_embed_dim=16, domain_hidden_dim=32, domain_image_size=32, domain_batch_size=6,
-                     domain_epochs=2, domain_learning_rate=1e-2)
+    cfg = ClipConfig(
+        domain_embed_dim=16,
+        domain_hidden_dim=32,
+        domain_image_size=32,
+        domain_batch_size=6,
+        domain_epochs=2,
+        domain_learning_rate=1e-2,
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -64,8 +70,10 @@ def trained_clip(text_path):
     tokens = tokenize_captions(tokenizer, CAPTIONS, 16)
     images = coloured_sprites()
     with torch.no_grad():
-        model.fit_feature_stats(model.visual.backbone_features(images),
-                                model.text_backbone_features(tokens["input_ids"], tokens["attention_mask"]))
+        model.fit_feature_stats(
+            model.visual.backbone_features(images),
+            model.text_backbone_features(tokens["input_ids"], tokens["attention_mask"]),
+        )
     optimizer = torch.optim.AdamW(model.head_parameters(), lr=1e-2)
     loss_fn = ClipLoss()
     model.train()
@@ -111,8 +119,10 @@ def test_domain_clip_round_trip(tmp_path, trained_clip):
     tokens = tokenize_captions(loaded_tok, CAPTIONS, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(coloured_sprites()), model.encode_image(coloured_sprites()))
-        torch.testing.assert_close(loaded.encode_text(tokens["input_ids"], tokens["attention_mask"]),
-                                   model.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+        torch.testing.assert_close(
+            loaded.encode_text(tokens["input_ids"], tokens["attention_mask"]),
+            model.encode_text(tokens["input_ids"], tokens["attention_mask"]),
+        )
 
 
 def test_load_domain_clip_rejects_other_folders(tmp_path):

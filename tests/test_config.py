@@ -15,7 +15,9 @@ def test_defaults_and_yaml_files_load():
 
 
 def test_cli_overrides_win_and_are_typed():
-    cfg = load_config(CONFIG_DIR / "tiny.yaml", ["stage1.epochs=7", "data.background=[0, 0, 0]", "stage2.min_snr_gamma=5"])
+    cfg = load_config(
+        CONFIG_DIR / "tiny.yaml", ["stage1.epochs=7", "data.background=[0, 0, 0]", "stage2.min_snr_gamma=5"]
+    )
     assert cfg.stage1.epochs == 7
     assert cfg.data.background == [0, 0, 0]
     assert cfg.stage2.min_snr_gamma == 5.0 and isinstance(cfg.stage2.min_snr_gamma, float)
@@ -82,13 +84,23 @@ def test_resolved_config_round_trips(tmp_path):
         ("data.caption_dropout=1.5", "data.caption_dropout=1.5: must be a number in [0, 1]"),
         ("stage2.warmup_fraction=0", "stage2.warmup_fraction=0.0: must be a number in (0, 1)"),
         ("stage3.clip_max_timestep_fraction=1.2", "stage3.clip_max_timestep_fraction=1.2: must be a number in (0, 1]"),
-        ("data.split_fractions=[0.8, 0.15, 0.15]",
-         "data.split_fractions=[0.8, 0.15, 0.15]: must be three numbers in [0, 1] summing to 1 (train, val, test)"),
+        (
+            "data.split_fractions=[0.8, 0.15, 0.15]",
+            "data.split_fractions=[0.8, 0.15, 0.15]: must be three numbers in [0, 1] summing to 1 (train, val, test)",
+        ),
         ("clip.source=openai", "clip.source='openai': must be one of auto, pretrained, domain"),
-        ("scheduler.prediction_type=sample", "scheduler.prediction_type='sample': must be one of epsilon, v_prediction"),
-        ("scheduler.beta_schedule=cosine",
-         "scheduler.beta_schedule='cosine': must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid, laplace"),
-        ("scheduler.inference_scheduler=euler", "scheduler.inference_scheduler='euler': must be one of dpm, ddim, ddpm"),
+        (
+            "scheduler.prediction_type=sample",
+            "scheduler.prediction_type='sample': must be one of epsilon, v_prediction",
+        ),
+        (
+            "scheduler.beta_schedule=cosine",
+            "scheduler.beta_schedule='cosine': must be one of linear, scaled_linear, squaredcos_cap_v2, sigmoid, laplace",
+        ),
+        (
+            "scheduler.inference_scheduler=euler",
+            "scheduler.inference_scheduler='euler': must be one of dpm, ddim, ddpm",
+        ),
         ("perceptual.backend=vgg", "perceptual.backend='vgg': must be one of auto, lpips, stlpips"),
         ("runtime.checkpoint_every_steps=0", "runtime.checkpoint_every_steps=0: must be an integer >= 1"),
         ("runtime.max_steps=0", "runtime.max_steps=0: must be an integer >= 1 (or null)"),
@@ -97,12 +109,16 @@ def test_resolved_config_round_trips(tmp_path):
         ("scheduler.guidance_scale=0.5", "scheduler.guidance_scale=0.5: must be a finite number >= 1"),
         ("stage2.ema_decay=1", "stage2.ema_decay=1.0: must be a number in [0, 1)"),
         ("data.background=[255, 255]", "data.background=[255, 255]: must be three integers in [0, 255] (R, G, B)"),
-        ("unet.block_out_channels=[32, 64]",
-         "unet.down_block_types=['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D']: must name one block "
-         "per unet.block_out_channels entry (2)"),
-        ("vae.block_out_channels=[16, 24]",
-         "vae.block_out_channels=[16, 24]: must be a non-empty list of integers >= 1, each divisible by "
-         "vae.norm_num_groups=32"),
+        (
+            "unet.block_out_channels=[32, 64]",
+            "unet.down_block_types=['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D']: must name one block "
+            "per unet.block_out_channels entry (2)",
+        ),
+        (
+            "vae.block_out_channels=[16, 24]",
+            "vae.block_out_channels=[16, 24]: must be a non-empty list of integers >= 1, each divisible by "
+            "vae.norm_num_groups=32",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(override, message):
@@ -141,8 +157,10 @@ def test_the_choices_are_the_ones_the_code_accepts():
 
 
 # ------------------------------------------------------------------------- numbers spelled as usual
-@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("5e-5", 5e-5), ("1e10", 1e10),
-                                         ("2.0e-4", 2e-4), (".5", 0.5), ("3", 3.0)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("1e-4", 1e-4), ("1E-4", 1e-4), ("5e-5", 5e-5), ("1e10", 1e10), ("2.0e-4", 2e-4), (".5", 0.5), ("3", 3.0)],
+)
 def test_exponent_floats_parse_on_the_command_line_and_in_yaml(tmp_path, text, value):
     cfg = load_config(overrides=[f"stage1.learning_rate={text}"])
     assert cfg.stage1.learning_rate == value and isinstance(cfg.stage1.learning_rate, float)

@@ -42,23 +42,54 @@ def gan_checkpoint(tmp_path_factory, tiny_data_root):
     from pokediff.gan.config import load_gan_config
     from pokediff.gan.trainer import GanTrainer
 
-    cfg = load_gan_config(overrides={
-        "model.name": "dcgan", "model.resolution": 32, "model.g_features": 8, "model.d_features": 8,
-        "model.latent_dim": 8, "data.root": str(tiny_data_root), "runtime.report_to": "none",
-    })
+    cfg = load_gan_config(
+        overrides={
+            "model.name": "dcgan",
+            "model.resolution": 32,
+            "model.g_features": 8,
+            "model.d_features": 8,
+            "model.latent_dim": 8,
+            "data.root": str(tiny_data_root),
+            "runtime.report_to": "none",
+        }
+    )
     path = tmp_path_factory.mktemp("tiny_gan") / "step_0"
     GanTrainer(cfg).save(path)
     return path
 
 
 def _common_args(tmp_path, name):
-    return ["--num", "3", "--batch-size", "2", "--diversity-prompts", "1", "--diversity-samples", "2",
-            "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / f"{name}.json"), "--quiet"]
+    return [
+        "--num",
+        "3",
+        "--batch-size",
+        "2",
+        "--diversity-prompts",
+        "1",
+        "--diversity-samples",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / f"{name}.json"),
+        "--quiet",
+    ]
 
 
 def test_pipeline_scored_by_the_cli(pipeline_dir, tiny_data_root, tmp_path):
-    argv = ["--model", str(pipeline_dir), "--data-root", str(tiny_data_root), "--steps", "1", "--guidance", "2",
-            "--recon-num", "2", *_common_args(tmp_path, "pipe")]
+    argv = [
+        "--model",
+        str(pipeline_dir),
+        "--data-root",
+        str(tiny_data_root),
+        "--steps",
+        "1",
+        "--guidance",
+        "2",
+        "--recon-num",
+        "2",
+        *_common_args(tmp_path, "pipe"),
+    ]
     result = main(argv, feature_net=PixelFeatures(), perceptual=MeanAbsDistance(), clip_scorer=CaptionLengthScorer())
     written = json.loads((tmp_path / "pipe.json").read_text())
     assert written == result
@@ -76,7 +107,6 @@ def test_pipeline_scored_by_the_cli(pipeline_dir, tiny_data_root, tmp_path):
     # the CLIP double scores caption length: the sample mean must be over the prompts actually used
     from pokediff.config import DataConfig
     from pokediff.data import load_splits
-
     from pokediff.eval.runner import _rows_for
 
     val = load_splits(DataConfig(root=str(tiny_data_root)))["val"]
@@ -96,8 +126,14 @@ def test_gan_scored_by_the_same_cli_with_default_networks(gan_checkpoint, tmp_pa
     assert result["resolution"] == 32 and result["perceptual"].startswith(("stlpips", "lpips"))
     m = result["metrics"]
     assert m["fid"] > 0 and m["diversity"] is not None and m["diversity_real_dataset"] > 0
-    for key in ("clip_score", "color_agreement", "color_agreement_freeform", "recon_l1", "recon_psnr",
-                "recon_perceptual"):
+    for key in (
+        "clip_score",
+        "color_agreement",
+        "color_agreement_freeform",
+        "recon_l1",
+        "recon_psnr",
+        "recon_perceptual",
+    ):
         assert m[key] is None and result["skipped"][key]
     assert "not conditioned on captions" in result["skipped"]["clip_score"]
     assert Image.open(tmp_path / "gan.png").size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
@@ -163,10 +199,17 @@ def test_type_conditional_gan_gets_each_rows_primary_type(tiny_data_root, tmp_pa
     from pokediff.gan.generate import sample_from_checkpoint
     from pokediff.gan.trainer import GanTrainer
 
-    cfg = load_gan_config(overrides={
-        "model.name": "cdcgan", "model.resolution": 32, "model.g_features": 8, "model.d_features": 8,
-        "model.latent_dim": 8, "data.root": str(tiny_data_root), "runtime.report_to": "none",
-    })
+    cfg = load_gan_config(
+        overrides={
+            "model.name": "cdcgan",
+            "model.resolution": 32,
+            "model.g_features": 8,
+            "model.d_features": 8,
+            "model.latent_dim": 8,
+            "data.root": str(tiny_data_root),
+            "runtime.report_to": "none",
+        }
+    )
     GanTrainer(cfg).save(tmp_path / "ckpt")
     sampler = load_sampler(tmp_path / "ckpt")
     assert sampler.kind == "gan" and sampler.type_conditional
@@ -180,9 +223,18 @@ class _PaintSampler:
     """Draws each prompt as an opaque square of the colour its prompt names (or always ``fixed``)."""
 
     kind, text_conditional, background = "diffusion", True, (255, 255, 255)
-    RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (40, 180, 50), "yellow": (240, 220, 40),
-           "pink": (250, 150, 200), "purple": (130, 40, 170), "brown": (130, 80, 30), "gray": (128, 128, 128),
-           "white": (250, 250, 250), "black": (15, 15, 15)}
+    RGB = {
+        "red": (220, 30, 30),
+        "blue": (30, 60, 220),
+        "green": (40, 180, 50),
+        "yellow": (240, 220, 40),
+        "pink": (250, 150, 200),
+        "purple": (130, 40, 170),
+        "brown": (130, 80, 30),
+        "gray": (128, 128, 128),
+        "white": (250, 250, 250),
+        "black": (15, 15, 15),
+    }
 
     def __init__(self, fixed=None):
         self.fixed = fixed
@@ -191,8 +243,8 @@ class _PaintSampler:
         from pokediff.eval.color import color_in_text
 
         for start in range(0, len(prompts), batch_size):
-            images = torch.zeros(len(prompts[start:start + batch_size]), 4, 16, 16)  # RGBA: white reads too
-            for image, prompt in zip(images, prompts[start:start + batch_size]):
+            images = torch.zeros(len(prompts[start : start + batch_size]), 4, 16, 16)  # RGBA: white reads too
+            for image, prompt in zip(images, prompts[start : start + batch_size]):
                 colour = self.RGB[self.fixed or color_in_text(prompt)]
                 image[:3, 4:12, 4:12] = torch.tensor(colour).view(3, 1, 1) / 255
                 image[3, 4:12, 4:12] = 1
@@ -219,7 +271,10 @@ def test_metric_parts_give_values_or_reasons_and_merge_into_every_key():
     assert colors == {"color_agreement": 0.5, "color_agreement_real": 1.0} and none_skipped == {}
     assert confusion == {"samples": {"red": {"red": 1, "blue": 1}}, "real": {"red": {"red": 1}}}
     (_, skipped), _ = _color_agreement(["red"], [None], ["red"], [None], None)
-    assert skipped == {"color_agreement": "no prompt names a colour", "color_agreement_real": "no prompt names a colour"}
+    assert skipped == {
+        "color_agreement": "no prompt names a colour",
+        "color_agreement_real": "no prompt names a colour",
+    }
     assert _color_agreement([], [], [], [], "no captions") == (({}, dict.fromkeys(skipped, "no captions")), None)
     clip = _clip_score(torch.tensor([1.0, 3.0]), torch.tensor([4.0]), None)
     assert clip == ({"clip_score": 2.0, "clip_score_real": 4.0}, {})

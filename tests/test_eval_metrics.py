@@ -51,7 +51,11 @@ def test_frechet_distance_matches_the_closed_form():
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(300, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64)) + 0.3
+    b = (
+        torch.randn(300, 6, generator=g, dtype=torch.float64)
+        @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
+        + 0.3
+    )
     mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
     s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
@@ -123,9 +127,16 @@ def test_real_inception_gives_2048_pool_features():
 
 # ------------------------------------------------------------------------------------------ colour
 CANONICAL = {
-    "black": (20, 20, 24), "blue": (40, 80, 210), "brown": (120, 80, 40), "gray": (128, 128, 128),
-    "green": (50, 170, 60), "pink": (245, 160, 200), "purple": (130, 60, 170), "red": (215, 30, 30),
-    "white": (245, 245, 245), "yellow": (240, 210, 40),
+    "black": (20, 20, 24),
+    "blue": (40, 80, 210),
+    "brown": (120, 80, 40),
+    "gray": (128, 128, 128),
+    "green": (50, 170, 60),
+    "pink": (245, 160, 200),
+    "purple": (130, 60, 170),
+    "red": (215, 30, 30),
+    "white": (245, 245, 245),
+    "yellow": (240, 210, 40),
 }
 
 
@@ -254,8 +265,12 @@ def test_reference_features_are_cached_by_dataset_hash(tiny_data_root, data_subs
     assert again.cached and again.key == first.key
     torch.testing.assert_close(again.features, first.features)
     # another resolution, another feature network, or other image bytes: another key
-    assert reference_features(train, cfg, "train", net, resolution=24, cache_dir=tmp_path, progress=False).key != first.key
-    assert reference_features(train, cfg, "train", PixelFeatures(2), cache_dir=tmp_path, progress=False).key != first.key
+    assert (
+        reference_features(train, cfg, "train", net, resolution=24, cache_dir=tmp_path, progress=False).key != first.key
+    )
+    assert (
+        reference_features(train, cfg, "train", PixelFeatures(2), cache_dir=tmp_path, progress=False).key != first.key
+    )
     root = data_subset(24)
     changed_cfg = DataConfig(root=str(root), resolution=32, augment=False)
     changed = load_splits(changed_cfg)["train"]

@@ -5,7 +5,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from pokediff.config import DataConfig
@@ -14,8 +13,7 @@ from pokediff.eval import METRIC_KEYS, PixelFeatures, validate_result
 from pokediff.eval.__main__ import cli, main
 from pokediff.eval.prompts import FREEFORM_PROMPTS
 from pokediff.eval.runner import _target_color
-from pokediff.eval.samples import (MANIFEST_NAME, SampleRecord, load_samples, pack_samples, read_run_info,
-                                   to_uint8)
+from pokediff.eval.samples import MANIFEST_NAME, SampleRecord, load_samples, pack_samples, read_run_info, to_uint8
 
 
 class MeanAbsDistance(nn.Module):
@@ -36,20 +34,30 @@ def real_val(tiny_data_root):
         caption = str(rows[i][cfg.caption_column])
         for k in range(2):
             images.append(array)
-            records.append(SampleRecord(file=f"val_{i:03d}_{k}.webp", prompt=caption, seed=2 * i + k,
-                                        target_color=_target_color(rows[i], caption), source="val", row=i))
+            records.append(
+                SampleRecord(
+                    file=f"val_{i:03d}_{k}.webp",
+                    prompt=caption,
+                    seed=2 * i + k,
+                    target_color=_target_color(rows[i], caption),
+                    source="val",
+                    row=i,
+                )
+            )
     # two free-form records (scored only with --sources freeform)
     for k, (prompt, color) in enumerate(FREEFORM_PROMPTS[:2]):
         images.append(images[k])
-        records.append(SampleRecord(file=f"free_{k:03d}.webp", prompt=prompt, seed=k, target_color=color,
-                                    source="freeform"))
+        records.append(
+            SampleRecord(file=f"free_{k:03d}.webp", prompt=prompt, seed=k, target_color=color, source="freeform")
+        )
     return images, records, cfg
 
 
 def test_packing_is_lossless_when_it_fits_and_splits_into_archives(real_val, tmp_path):
     images, records, cfg = real_val
-    summary = pack_samples(images, records, tmp_path, max_archives=2, max_bytes=4 << 20,
-                           run_info={"data": {"root": cfg.root}})
+    summary = pack_samples(
+        images, records, tmp_path, max_archives=2, max_bytes=4 << 20, run_info={"data": {"root": cfg.root}}
+    )
     assert summary["encoding"] == {"format": "webp", "lossless": True, "quality": None}
     assert [a["file"] for a in summary["archives"]] == ["samples-0.tar", "samples-1.tar"]
     assert sum(a["images"] for a in summary["archives"]) == len(images)
@@ -84,9 +92,27 @@ def test_packing_falls_back_to_lossy_webp_and_refuses_what_cannot_fit(real_val, 
 def test_eval_samples_scores_a_folder_of_archives_like_a_model(real_val, tiny_data_root, tmp_path):
     images, records, _ = real_val
     pack_samples(images, records, tmp_path / "samples", max_archives=2, max_bytes=4 << 20)
-    argv = ["--samples", str(tmp_path / "samples"), "--split", "val", "--data-root", str(tiny_data_root),
-            "--batch-size", "4", "--diversity-prompts", "2", "--diversity-samples", "2", "--clip", "none",
-            "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "s.json"), "--quiet"]
+    argv = [
+        "--samples",
+        str(tmp_path / "samples"),
+        "--split",
+        "val",
+        "--data-root",
+        str(tiny_data_root),
+        "--batch-size",
+        "4",
+        "--diversity-prompts",
+        "2",
+        "--diversity-samples",
+        "2",
+        "--clip",
+        "none",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "s.json"),
+        "--quiet",
+    ]
     result = main(argv, feature_net=PixelFeatures(), perceptual=MeanAbsDistance())
     validate_result(result)
     assert json.loads((tmp_path / "s.json").read_text()) == result
@@ -102,8 +128,9 @@ def test_eval_samples_scores_a_folder_of_archives_like_a_model(real_val, tiny_da
     assert m["recon_l1"] is None and "without their model" in result["skipped"]["recon_l1"]
     assert m["nn_train_similarity_mean"] is not None
 
-    free = main(argv[:4] + ["--sources", "freeform"] + argv[4:], feature_net=PixelFeatures(),
-                perceptual=MeanAbsDistance())
+    free = main(
+        argv[:4] + ["--sources", "freeform"] + argv[4:], feature_net=PixelFeatures(), perceptual=MeanAbsDistance()
+    )
     assert free["num_samples"] == 2 and free["model"]["details"]["sources"] == ["freeform"]
 
 

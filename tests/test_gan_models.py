@@ -17,15 +17,24 @@ from pokediff.gan.ema import GeneratorEMA
 from pokediff.gan.progan import EqualizedConv2d, ProGANDiscriminator, ProGANGenerator, progan_phase, progan_stage
 from pokediff.gan.registry import build_models
 from pokediff.gan.vitgan import (
-    L2SelfAttention, ViTGANDiscriminator, ViTGANGenerator, improved_spectral_norm, l2_attention_lipschitz_bound,
+    L2SelfAttention,
+    ViTGANDiscriminator,
+    ViTGANGenerator,
+    improved_spectral_norm,
+    l2_attention_lipschitz_bound,
 )
 from pokediff.gan.wgan_large import WGANLargeCritic, WGANLargeGenerator
 from pokediff.gan.wgan_small import WGANSmallCritic
 
-
 TINY = {
-    "model.g_features": 4, "model.d_features": 4, "model.g_max_features": 16, "model.d_max_features": 16,
-    "model.latent_dim": 8, "model.attention_resolution": 8, "progan.resolutions": [8, 16], "model.resolution": 16,
+    "model.g_features": 4,
+    "model.d_features": 4,
+    "model.g_max_features": 16,
+    "model.d_max_features": 16,
+    "model.latent_dim": 8,
+    "model.attention_resolution": 8,
+    "progan.resolutions": [8, 16],
+    "model.resolution": 16,
 }
 MODELS = ["dcgan", "cdcgan", "wgan_small", "wgan_large", "progan", "vitgan"]
 
@@ -451,7 +460,11 @@ def test_progan_schedule_from_the_command_line_and_its_errors(capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1, (value, err)
     with pytest.raises(ConfigError, match="would go up from its last phase \\(32\\) to its first \\(128\\)"):
-        load_gan_config(overrides={
-            "model.name": "progan", "model.resolution": 128, "progan.cycle": True,
-            "progan.schedule": [[128, 1, 1e-4], [64, 1, 1e-4], [32, 1, 1e-4]],
-        })
+        load_gan_config(
+            overrides={
+                "model.name": "progan",
+                "model.resolution": 128,
+                "progan.cycle": True,
+                "progan.schedule": [[128, 1, 1e-4], [64, 1, 1e-4], [32, 1, 1e-4]],
+            }
+        )

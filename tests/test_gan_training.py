@@ -8,19 +8,24 @@ import pytest
 import torch
 
 from pokediff.config import ConfigError
-from pokediff.gan import is_gan_checkpoint
 from pokediff.gan import generate as gan_generate
-from pokediff.gan import make_gifs, plot_losses
+from pokediff.gan import is_gan_checkpoint, make_gifs, plot_losses
 from pokediff.gan import train as gan_train
 from pokediff.gan.config import GAN_CONFIG_DIR, load_gan_config
 from pokediff.gan.generate import sample_from_checkpoint
 from pokediff.gan.trainer import GanTrainer
 
-
 TINY = {
-    "model.g_features": 4, "model.d_features": 4, "model.g_max_features": 16, "model.d_max_features": 16,
-    "model.latent_dim": 8, "model.attention_resolution": 8, "model.resolution": 16, "progan.resolutions": [8, 16],
-    "train.batch_size": 4, "train.n_critic": 1,
+    "model.g_features": 4,
+    "model.d_features": 4,
+    "model.g_max_features": 16,
+    "model.d_max_features": 16,
+    "model.latent_dim": 8,
+    "model.attention_resolution": 8,
+    "model.resolution": 16,
+    "progan.resolutions": [8, 16],
+    "train.batch_size": 4,
+    "train.n_critic": 1,
 }
 PER_MODEL = {
     "dcgan": {"train.loss": "bce"},
@@ -29,7 +34,10 @@ PER_MODEL = {
     "wgan_large": {"train.loss": "wgan", "train.lambda_gp": 10.0, "train.ema_decay": 0.9},
     "progan": {"train.loss": "wgan", "train.lambda_gp": 10.0, "train.drift": 0.001, "progan.steps_per_stage": 1},
     "vitgan": {
-        "train.loss": "bce", "model.patch_size": 4, "train.ema_decay": 0.9, "train.diff_augment": "color,translation,cutout",
+        "train.loss": "bce",
+        "model.patch_size": 4,
+        "train.ema_decay": 0.9,
+        "train.diff_augment": "color,translation,cutout",
     },
 }
 N_PLUS_ONE = {"train.loss": "bce", "model.discriminator": "n_plus_one"}
@@ -87,11 +95,17 @@ def test_n_plus_one_step_trains_both_networks_with_the_classification_losses():
 
 def test_every_dcgan_trick_runs_in_one_step():
     trainer = tiny_trainer(
-        "dcgan", **{
-            "train.label_smoothing": True, "train.label_flip_prob": 0.05, "model.g_dropout": 0.2,
-            "train.feature_matching": 1.0, "train.lambda_gp": 1.0, "train.grad_clip": 1.0, "train.n_critic": 3,
+        "dcgan",
+        **{
+            "train.label_smoothing": True,
+            "train.label_flip_prob": 0.05,
+            "model.g_dropout": 0.2,
+            "train.feature_matching": 1.0,
+            "train.lambda_gp": 1.0,
+            "train.grad_clip": 1.0,
+            "train.n_critic": 3,
             "train.diff_augment": "color,translation,cutout",
-        }
+        },
     )
     calls = []
     source = batches()
@@ -119,10 +133,16 @@ def test_progan_schedule_visits_its_phases_in_order_with_their_learning_rates():
         seen.append((metrics["resolution"], metrics["alpha"], trainer.opt_g.param_groups[0]["lr"]))
         assert trainer.opt_d.param_groups[0]["lr"] == seen[-1][2]
     assert seen == [
-        (8, 1.0, 1e-3), (8, 1.0, 1e-3),  # phase 0
-        (16, 0.0, 5e-4), (16, 0.5, 5e-4), (16, 1.0, 5e-4), (16, 1.0, 5e-4),  # up: fade-in over 2 of 4 steps
-        (8, 1.0, 2e-3), (8, 1.0, 2e-3),  # back down, with its own lr
-        (8, 1.0, 1e-3), (8, 1.0, 1e-3),  # cycled to phase 0
+        (8, 1.0, 1e-3),
+        (8, 1.0, 1e-3),  # phase 0
+        (16, 0.0, 5e-4),
+        (16, 0.5, 5e-4),
+        (16, 1.0, 5e-4),
+        (16, 1.0, 5e-4),  # up: fade-in over 2 of 4 steps
+        (8, 1.0, 2e-3),
+        (8, 1.0, 2e-3),  # back down, with its own lr
+        (8, 1.0, 1e-3),
+        (8, 1.0, 1e-3),  # cycled to phase 0
     ]
     assert trainer.generate(trainer.sample_noise(2)).shape == (2, 3, 8, 8)  # the phase last trained
     with pytest.raises(ValueError, match="progan.schedule counts epochs"):
@@ -167,16 +187,23 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     trainer.epoch = 3
     path = trainer.save(tmp_path / "step_2", extra_tensors={"fixed_noise": torch.randn(4, 8)})
     assert sorted(p.name for p in path.iterdir()) == [
-        "discriminator.safetensors", "extra.safetensors", "gan_checkpoint.json", "generator.safetensors",
-        "generator_ema.safetensors", "optimizers.safetensors",
+        "discriminator.safetensors",
+        "extra.safetensors",
+        "gan_checkpoint.json",
+        "generator.safetensors",
+        "generator_ema.safetensors",
+        "optimizers.safetensors",
     ]
     assert not list(tmp_path.glob(".tmp-*"))
 
     resumed, state = GanTrainer.from_checkpoint(path)
     assert resumed.step == 2 and resumed.epoch == 3 and resumed.ema.num_updates == 2
     assert state["extra"]["fixed_noise"].shape == (4, 8)
-    for a, b in ((trainer.generator, resumed.generator), (trainer.discriminator, resumed.discriminator),
-                 (trainer.ema.module, resumed.ema.module)):
+    for a, b in (
+        (trainer.generator, resumed.generator),
+        (trainer.discriminator, resumed.discriminator),
+        (trainer.ema.module, resumed.ema.module),
+    ):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     p0 = next(iter(trainer.generator.parameters()))
     r0 = next(iter(resumed.generator.parameters()))
@@ -241,9 +268,17 @@ def test_sampling_an_unconditional_model_by_type_is_an_error(tmp_path):
 def test_train_cli_writes_a_run_that_generate_plot_and_gif_read(tmp_path, tiny_data_root):
     out = tmp_path / "runs"
     common = [
-        "--config", str(GAN_CONFIG_DIR / "tiny.yaml"), "--output-dir", str(out), f"data.root={tiny_data_root}",
-        "data.filter_generations=[]", "train.batch_size=8", "runtime.checkpoint_every_steps=1",
-        "runtime.checkpoints_total_limit=2", "runtime.log_every_steps=1", "train.epochs=5",
+        "--config",
+        str(GAN_CONFIG_DIR / "tiny.yaml"),
+        "--output-dir",
+        str(out),
+        f"data.root={tiny_data_root}",
+        "data.filter_generations=[]",
+        "train.batch_size=8",
+        "runtime.checkpoint_every_steps=1",
+        "runtime.checkpoints_total_limit=2",
+        "runtime.log_every_steps=1",
+        "train.epochs=5",
     ]
     run = gan_train.main(["--model", "dcgan", "--max-steps", "2", *common])
     assert run == out / "dcgan"
@@ -300,8 +335,15 @@ def test_type_flag_filters_the_data_and_names_the_run():
 
 def test_vitgan_and_scheduled_progan_train_resume_and_generate_from_the_cli(tmp_path, tiny_data_root):
     common = [
-        "--config", str(GAN_CONFIG_DIR / "tiny.yaml"), "--output-dir", str(tmp_path), f"data.root={tiny_data_root}",
-        "data.filter_generations=[]", "train.batch_size=8", "runtime.report_to=none", "train.epochs=5",
+        "--config",
+        str(GAN_CONFIG_DIR / "tiny.yaml"),
+        "--output-dir",
+        str(tmp_path),
+        f"data.root={tiny_data_root}",
+        "data.filter_generations=[]",
+        "train.batch_size=8",
+        "runtime.report_to=none",
+        "train.epochs=5",
     ]  # 19 training sprites / 8 = 2 steps per epoch
     run = gan_train.main(["--model", "vitgan", "--max-steps", "1", *common, "model.patch_size=4"])
     run = gan_train.main(["--resume", str(run), "--max-steps", "2"])
@@ -309,9 +351,16 @@ def test_vitgan_and_scheduled_progan_train_resume_and_generate_from_the_cli(tmp_
     assert meta["generator"]["class"] == "ViTGANGenerator" and meta["has_ema"]
     assert sample_from_checkpoint(run, 3).shape == (3, 3, 16, 16)
 
-    run = gan_train.main([
-        "--model", "progan", "--max-steps", "3", *common, "progan.schedule=[[16,1,1e-3],[8,1,2e-3]]",
-    ])
+    run = gan_train.main(
+        [
+            "--model",
+            "progan",
+            "--max-steps",
+            "3",
+            *common,
+            "progan.schedule=[[16,1,1e-3],[8,1,2e-3]]",
+        ]
+    )
     with open(run / "losses.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["resolution"], float(r["lr_g"])) for r in rows] == [("16", 1e-3), ("16", 1e-3), ("8", 2e-3)]
@@ -322,7 +371,9 @@ def test_vitgan_and_scheduled_progan_train_resume_and_generate_from_the_cli(tmp_
 
 @pytest.mark.parametrize("name", ["dcgan", "wgan_small", "wgan_large", "progan", "cdcgan", "vitgan"])
 def test_cpu_protocol_overlays_train_at_64_px_for_45_minutes(name):
-    args = gan_train.build_parser().parse_args(["--model", name, "--config", str(GAN_CONFIG_DIR / "cpu" / f"{name}.yaml")])
+    args = gan_train.build_parser().parse_args(
+        ["--model", name, "--config", str(GAN_CONFIG_DIR / "cpu" / f"{name}.yaml")]
+    )
     cfg, _, _ = gan_train.config_from_args(args)
     assert cfg.model.resolution == 64 and cfg.train.max_minutes == 45 and cfg.train.batch_size == 32
     assert cfg.train.max_steps is None and cfg.runtime.output_dir == "outputs/gan-cpu"
@@ -357,11 +408,26 @@ def test_shipped_configs_load_and_follow_the_spec(name):
 
 
 def test_pretraining_on_another_dataset_then_the_sprites(tmp_path, tiny_data_root):
-    run = gan_train.main([
-        "--model", "wgan_small", "--config", str(GAN_CONFIG_DIR / "tiny.yaml"), "--output-dir", str(tmp_path),
-        "--pretrain-dataset", str(tiny_data_root), "--pretrain-steps", "1", "--max-steps", "2",
-        f"data.root={tiny_data_root}", "data.filter_generations=[]", "train.batch_size=8", "train.n_critic=1",
-    ])
+    run = gan_train.main(
+        [
+            "--model",
+            "wgan_small",
+            "--config",
+            str(GAN_CONFIG_DIR / "tiny.yaml"),
+            "--output-dir",
+            str(tmp_path),
+            "--pretrain-dataset",
+            str(tiny_data_root),
+            "--pretrain-steps",
+            "1",
+            "--max-steps",
+            "2",
+            f"data.root={tiny_data_root}",
+            "data.filter_generations=[]",
+            "train.batch_size=8",
+            "train.n_critic=1",
+        ]
+    )
     with open(run / "losses.csv", newline="") as f:
         assert [r["phase"] for r in csv.DictReader(f)] == ["pretrain", "train"]
     assert (run / "samples" / "pretrain_final.png").is_file()
@@ -397,8 +463,20 @@ def test_plot_losses_and_gif_from_files(tmp_path):
         writer = csv.DictWriter(f, fieldnames=gan_train.CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for step in range(1, 31):
-            writer.writerow({"step": step, "d_loss": 1.4 - step / 100, "g_loss": 0.7, "gp": 0, "fm_loss": 0,
-                             "d_real": 0.1, "d_fake": -0.1, "d_grad_norm": 2, "g_grad_norm": 1, "phase": "train"})
+            writer.writerow(
+                {
+                    "step": step,
+                    "d_loss": 1.4 - step / 100,
+                    "g_loss": 0.7,
+                    "gp": 0,
+                    "fm_loss": 0,
+                    "d_real": 0.1,
+                    "d_fake": -0.1,
+                    "d_grad_norm": 2,
+                    "g_grad_norm": 1,
+                    "phase": "train",
+                }
+            )
     image = Image.open(plot_losses.plot_losses(run, smooth=5))
     assert image.size == (900, 3 * 220)  # the all-zero gp / feature-matching panel is left out
     with pytest.raises(FileNotFoundError, match="losses file not found"):

@@ -35,12 +35,29 @@ def _load(path: Path):
 def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_encoder_dir, tmp_path):
     gpu_day = _load(GPU_DAY)
     out = tmp_path / "out"
-    summary = gpu_day.main(["--out", str(out), "--dry-run", "--work-dir", str(tmp_path / "work"),
-                            "--train-samples", "2", "--val-captions", "1", "--freeform-prompts", "1",
-                            *tiny_args(tiny_data_root, text_encoder_dir, tmp_path / "unused")])
+    summary = gpu_day.main(
+        [
+            "--out",
+            str(out),
+            "--dry-run",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--train-samples",
+            "2",
+            "--val-captions",
+            "1",
+            "--freeform-prompts",
+            "1",
+            *tiny_args(tiny_data_root, text_encoder_dir, tmp_path / "unused"),
+        ]
+    )
     phases = summary["phases"]
     assert {name: p["status"] for name, p in phases.items()} == {
-        "train": "done", "samples": "done", "sampling_speed": "done", "train_throughput": "done"}, phases
+        "train": "done",
+        "samples": "done",
+        "sampling_speed": "done",
+        "train_throughput": "done",
+    }, phases
     assert json.loads((out / "summary.json").read_text())["phases"].keys() == phases.keys()
 
     train = phases["train"]
@@ -52,8 +69,15 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
 
     # at most 8 files come back from the device: everything the run keeps fits in 7
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["grid_freeform.png", "grid_val.png", "log.txt", "losses.csv", "samples-0.tar",
-                     "samples-1.tar", "summary.json"]
+    assert files == [
+        "grid_freeform.png",
+        "grid_val.png",
+        "log.txt",
+        "losses.csv",
+        "samples-0.tar",
+        "samples-1.tar",
+        "summary.json",
+    ]
     log = (out / "log.txt").read_text().splitlines()
     assert log[0].startswith("[") and any("train: stage2 done" in line for line in log)
 
@@ -62,7 +86,13 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
     assert samples["encoding"]["lossless"] is True and samples["max_abs_pixel_error_sampled"] == 0
     records = [r for r, _ in load_samples(out)]
     assert [(r["source"], r["seed"]) for r in records] == [
-        ("train", 0), ("train", 1), ("val", 100_000), ("val", 100_001), ("freeform", 200_000), ("freeform", 200_001)]
+        ("train", 0),
+        ("train", 1),
+        ("val", 100_000),
+        ("val", 100_001),
+        ("freeform", 200_000),
+        ("freeform", 200_001),
+    ]
     assert records[2]["prompt"] == records[3]["prompt"] and records[2]["row"] == 0
     assert records[4]["target_color"] == "red"  # FREEFORM_PROMPTS[0]
     assert read_run_info(out)["data"]["root"] == str(tiny_data_root)
@@ -73,9 +103,25 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
     assert phases["train_throughput"]["levers"]["levers"]["fused_adamw"] is True
 
     # the archives are scored here as a model would be, against the split their rows come from
-    result = eval_main(["--samples", str(out), "--split", "val", "--clip", "none", "--batch-size", "2",
-                        "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "val.json"), "--quiet"],
-                       feature_net=PixelFeatures(), perceptual=MeanAbsDistance())
+    result = eval_main(
+        [
+            "--samples",
+            str(out),
+            "--split",
+            "val",
+            "--clip",
+            "none",
+            "--batch-size",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output",
+            str(tmp_path / "val.json"),
+            "--quiet",
+        ],
+        feature_net=PixelFeatures(),
+        perceptual=MeanAbsDistance(),
+    )
     validate_result(result)
     assert result["num_samples"] == 2 and result["metrics"]["diversity"] is not None
     assert result["metrics"]["color_agreement"] is not None

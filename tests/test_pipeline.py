@@ -351,8 +351,13 @@ def _load_in_fresh_interpreter(folder, way, tmp_path) -> tuple[dict, torch.Tenso
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     out = tmp_path / f"{way}.pt"
-    done = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_INTERPRETER, str(folder), way, str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_FRESH_INTERPRETER, str(folder), way, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "might require the following packages" not in done.stderr  # diffusers' warning for missing imports
     return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
@@ -369,8 +374,11 @@ def test_saved_folder_loads_both_ways_in_a_fresh_interpreter(pipe, saved, tmp_pa
     if way == "pokediff":  # the installed classes; the folder's code is not run
         assert info == {"pipeline": "pokediff.pipeline", "vae": "pokediff.models.vae", "loaded": ["pokediff"]}
     else:  # the folder's own code; pokediff is never imported
-        assert info == {"pipeline": "diffusers_modules.local.pipeline_pokesprite",
-                        "vae": "diffusers_modules.local.sprite_vae", "loaded": ["diffusers_modules"]}
+        assert info == {
+            "pipeline": "diffusers_modules.local.pipeline_pokesprite",
+            "vae": "diffusers_modules.local.sprite_vae",
+            "loaded": ["diffusers_modules"],
+        }
     assert images.shape == (1, 4, 215, 215)
     assert torch.equal(images, _reference_images(pipe))
 
@@ -451,8 +459,12 @@ def test_save_pretrained_keeps_the_diffusers_signature(pipe, tmp_path, monkeypat
 
     def fake_upload(self, folder, repo_id, **kwargs):
         folder = Path(folder)
-        uploaded.update(repo_id=repo_id, index=json.loads((folder / "model_index.json").read_text()),
-                        card=(folder / "README.md").read_text(), **kwargs)
+        uploaded.update(
+            repo_id=repo_id,
+            index=json.loads((folder / "model_index.json").read_text()),
+            card=(folder / "README.md").read_text(),
+            **kwargs,
+        )
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
     monkeypatch.setattr(diffusers.utils.hub_utils, "create_repo", lambda repo_id, **kw: Repo())
@@ -495,15 +507,18 @@ def test_load_errors(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------ model card / hub
-LOAD_SNIPPETS = ['PokeSpritePipeline.from_pretrained("path/to/pipeline")',
-                 'DiffusionPipeline.from_pretrained("path/to/pipeline", trust_remote_code=True)']
+LOAD_SNIPPETS = [
+    'PokeSpritePipeline.from_pretrained("path/to/pipeline")',
+    'DiffusionPipeline.from_pretrained("path/to/pipeline", trust_remote_code=True)',
+]
 
 
 def test_model_card_content(saved, tmp_path):
     folder = tmp_path / "card"
     shutil.copytree(saved, folder)
-    path = write_model_card(folder, stages={2: 7}, metrics={"fid": 42.123456, "clip_score": 25.5},
-                            extra={"stage2_epochs": 300})
+    path = write_model_card(
+        folder, stages={2: 7}, metrics={"fid": 42.123456, "clip_score": 25.5}, extra={"stage2_epochs": 300}
+    )
     card = path.read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card.split("---")[1]
     expected = [
@@ -574,8 +589,25 @@ def test_generate_cli_writes_sprites_and_grid(saved, tmp_path, capsys):
     from pokediff.generate import main
 
     out = tmp_path / "out" / "sprites.png"
-    argv = ["--model", str(saved), "a red creature", "", "--num", "2", "--steps", "1", "--scheduler", "ddim",
-            "--rgba", "--batch-size", "3", "--device", "cpu", "--out", str(out)]
+    argv = [
+        "--model",
+        str(saved),
+        "a red creature",
+        "",
+        "--num",
+        "2",
+        "--steps",
+        "1",
+        "--scheduler",
+        "ddim",
+        "--rgba",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     sprites = sorted(out.parent.glob("sprites_*.png"))
     assert [p.name for p in sprites] == [f"sprites_{k:03d}.png" for k in range(4)]
@@ -586,8 +618,27 @@ def test_generate_cli_writes_sprites_and_grid(saved, tmp_path, capsys):
     assert "wrote 4 sprites" in capsys.readouterr().out
     # sprite k uses seed + k: the second sprite alone (seed 1) matches
     again = tmp_path / "again.png"
-    assert main(["--model", str(saved), "a red creature", "--num", "1", "--seed", "1", "--steps", "1",
-                 "--scheduler", "ddim", "--rgba", "--out", str(again)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(saved),
+                "a red creature",
+                "--num",
+                "1",
+                "--seed",
+                "1",
+                "--steps",
+                "1",
+                "--scheduler",
+                "ddim",
+                "--rgba",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
     alone = np.asarray(Image.open(tmp_path / "again_000.png")).astype(int)
     assert np.abs(alone - np.asarray(Image.open(sprites[1])).astype(int)).max() <= 2  # batched float rounding
     assert np.abs(alone - np.asarray(Image.open(sprites[0])).astype(int)).max() > 2

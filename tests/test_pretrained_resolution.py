@@ -124,7 +124,8 @@ def test_stlpips_builds_twice_without_ipython_or_torchsummary(mode):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_IPYTHON, mode], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_IPYTHON, mode], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"

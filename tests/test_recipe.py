@@ -1,6 +1,5 @@
 """The quality recipe's pieces: caption variants, their cache and sampling, jitter that spares the background."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +11,11 @@ from pokediff.eval.color import color_in_text
 from pokediff.training.stage2_unet import LatentTextCache, log_latent_range
 
 BULBASAUR = {
-    "name": "Bulbasaur", "types": "grass|poison", "genus": "Seed Pokémon", "color": "green", "shape": "quadruped",
+    "name": "Bulbasaur",
+    "types": "grass|poison",
+    "genus": "Seed Pokémon",
+    "color": "green",
+    "shape": "quadruped",
     "flavor_text": "A strange seed was planted on its back at birth. The plant sprouts and grows with this Pokémon.",
 }
 
@@ -42,8 +45,9 @@ def test_body_description_picks_a_body_sentence_and_cuts_it():
 
 
 def _cfg(root, **data):
-    return load_config(overrides={"data.root": str(root), "data.resolution": 32,
-                                  **{f"data.{k}": v for k, v in data.items()}})
+    return load_config(
+        overrides={"data.root": str(root), "data.resolution": 32, **{f"data.{k}": v for k, v in data.items()}}
+    )
 
 
 def test_training_dataset_draws_caption_variants_and_eval_keeps_the_caption(tiny_data_root):
@@ -64,8 +68,15 @@ def test_latent_text_cache_samples_each_sprites_own_variants():
     rows = int(counts.sum())
     embeddings = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1).expand(rows, 2, 4).clone()
     masks = torch.ones(rows, 2, dtype=torch.long)
-    cache = LatentTextCache(torch.zeros(6, 4, 2, 2), torch.ones(6, 4, 2, 2), embeddings, masks,
-                            torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.long), counts)
+    cache = LatentTextCache(
+        torch.zeros(6, 4, 2, 2),
+        torch.ones(6, 4, 2, 2),
+        embeddings,
+        masks,
+        torch.zeros(1, 2, 4),
+        torch.ones(1, 2, dtype=torch.long),
+        counts,
+    )
     assert cache.num_captions == 3 and len(cache) == 6  # entries 3..5 are the mirrored sprites
     first, _ = cache.text(torch.tensor([0, 1, 2, 4]))
     assert first[:, 0, 0].tolist() == [0.0, 1.0, 4.0, 1.0]  # the dataset caption of each sprite
@@ -82,14 +93,17 @@ def test_latent_text_cache_samples_each_sprites_own_variants():
 def test_latent_range_reports_the_clamped_fraction():
     mean = torch.zeros(10, 2, 4, 4)
     mean[0, 0] = 10.0  # 16 of 320 elements beyond the clamp once scaled
-    cache = LatentTextCache(mean, torch.ones_like(mean), torch.zeros(10, 1, 4), torch.ones(10, 1), torch.zeros(1, 1, 4),
-                            torch.ones(1, 1))
+    cache = LatentTextCache(
+        mean, torch.ones_like(mean), torch.zeros(10, 1, 4), torch.ones(10, 1), torch.zeros(1, 1, 4), torch.ones(1, 1)
+    )
     assert log_latent_range(cache, lambda z: z * 0.5, clamp=3.0) == pytest.approx(16 / 320)
 
 
 def test_colour_jitter_tints_the_sprite_but_never_the_background(tiny_data_root):
-    cfg = _cfg(tiny_data_root, **{"augmentation.color_jitter": [0.5, 0.5, 0.5, 0.1], "augmentation.rotation": 10.0,
-                                  "augmentation.hflip": 0.5})
+    cfg = _cfg(
+        tiny_data_root,
+        **{"augmentation.color_jitter": [0.5, 0.5, 0.5, 0.1], "augmentation.rotation": 10.0, "augmentation.hflip": 0.5},
+    )
     sprite = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     sprite.paste(Image.new("RGBA", (12, 12), (40, 160, 60, 255)), (10, 10))
     transform = SpriteTransform(cfg.data, train=True)
@@ -111,7 +125,7 @@ def test_per_channel_latent_scaling_round_trips_and_whitens_each_channel():
     torch.manual_seed(0)
     images = torch.rand(12, 3, vae.config.sample_size, vae.config.sample_size) * 2 - 1
     images[:, 0] *= 0.2  # channels of unequal spread
-    loader = [{"pixel_values": images[i:i + 4]} for i in range(0, 12, 4)]
+    loader = [{"pixel_values": images[i : i + 4]} for i in range(0, 12, 4)]
     mean, std, overall = latent_statistics(vae, loader, "cpu", seed=0)
     assert len(mean) == len(std) == vae.config.latent_channels and overall > 0
 

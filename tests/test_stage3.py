@@ -47,19 +47,21 @@ def stage12(tmp_path_factory):
 
 def make_cfg(data_root, text, out, **extra):
     overrides = tiny_config_overrides(data_root, text, out)
-    overrides.update({
-        "data.resolution": RESOLUTION,
-        "clip.source": "domain",
-        "clip.min_top1_over_chance": 0.0,  # a 1-epoch tiny CLIP is not expected to beat chance
-        "clip.domain_image_size": 32,
-        "clip.domain_hidden_dim": 32,
-        "stage2.sample_prompts": ["A red fire type Pokémon.", "A blue water type Pokémon."],
-        "stage2.sample_images_per_prompt": 1,
-        "stage3.learning_rate": 1e-3,
-        "stage3.anchor_weight": 0.1,
-        "stage3.eval_num_prompts": 2,
-        "runtime.max_steps": 2,
-    })
+    overrides.update(
+        {
+            "data.resolution": RESOLUTION,
+            "clip.source": "domain",
+            "clip.min_top1_over_chance": 0.0,  # a 1-epoch tiny CLIP is not expected to beat chance
+            "clip.domain_image_size": 32,
+            "clip.domain_hidden_dim": 32,
+            "stage2.sample_prompts": ["A red fire type Pokémon.", "A blue water type Pokémon."],
+            "stage2.sample_images_per_prompt": 1,
+            "stage3.learning_rate": 1e-3,
+            "stage3.anchor_weight": 0.1,
+            "stage3.eval_num_prompts": 2,
+            "runtime.max_steps": 2,
+        }
+    )
     overrides.update(extra)
     return load_config(overrides=overrides)
 
@@ -101,8 +103,12 @@ def test_pipeline_loads_and_samples_after_stage3(stage3_run):
     _, pipeline_dir, _ = stage3_run
     pipe = PokeSpritePipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("A green grass type Pokémon.", num_inference_steps=2, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "A green grass type Pokémon.",
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 3, RESOLUTION, RESOLUTION)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
@@ -144,10 +150,15 @@ def test_stage3_refuses_without_stage12_weights(stage12, tiny_data_root, tmp_pat
 def test_stage3_stops_on_a_weak_domain_clip(stage12, stage3_run, tiny_data_root, tmp_path):
     root, text = stage12
     _, pipeline_dir, _ = stage3_run
-    cfg = make_cfg(tiny_data_root, text, tmp_path, **{
-        "clip.domain_clip_path": str(pipeline_dir / "domain_clip"),
-        "clip.min_top1_over_chance": 1000.0,
-    })
+    cfg = make_cfg(
+        tiny_data_root,
+        text,
+        tmp_path,
+        **{
+            "clip.domain_clip_path": str(pipeline_dir / "domain_clip"),
+            "clip.min_top1_over_chance": 1000.0,
+        },
+    )
     with pytest.raises(DomainClipTooWeakError, match="min_top1_over_chance"):
         train_stage3(cfg, root / "vae", root / "unet")
     assert not (tmp_path / cfg.runtime.experiment_name / "text_encoder").exists()
@@ -175,8 +186,12 @@ def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_da
     root, text = stage12
     _, full_pipeline, _ = stage3_run
     # the same judge as the uninterrupted run, so only the interruption differs
-    cfg = make_cfg(tiny_data_root, text, tmp_path, **{"clip.domain_clip_path": str(full_pipeline / "domain_clip"),
-                                                      "runtime.checkpoint_every_steps": 1})
+    cfg = make_cfg(
+        tiny_data_root,
+        text,
+        tmp_path,
+        **{"clip.domain_clip_path": str(full_pipeline / "domain_clip"), "runtime.checkpoint_every_steps": 1},
+    )
     real_save = CheckpointManager.save
 
     def save_then_die(self, state):
@@ -205,8 +220,11 @@ def test_gate_prompts_name_a_colour_and_are_seeded():
     captions = ["a fire type", "a green leafy thing", "a grass type", "no colour here", "a water type"]
     prompts, targets = judge_prompts(records, captions, num=10, seed=0)
     # the metadata colour wins; without one, a colour named in the caption; rows naming none are left out
-    assert sorted(zip(prompts, targets)) == [("a fire type", "red"), ("a green leafy thing", "green"),
-                                             ("a water type", "blue")]
+    assert sorted(zip(prompts, targets)) == [
+        ("a fire type", "red"),
+        ("a green leafy thing", "green"),
+        ("a water type", "blue"),
+    ]
     assert judge_prompts(records, captions, num=2, seed=3) == judge_prompts(records, captions, num=2, seed=3)
     assert len(judge_prompts(records, captions, num=2, seed=3)[0]) == 2
 
@@ -237,15 +255,15 @@ def test_gate_colour_agreement_counts_samples_of_the_named_colour():
                 images[i, :, 4:12, 4:12] = torch.tensor(self.rgb[p]).view(3, 1, 1)
             return SimpleNamespace(images=images)
 
-    score = colour_agreement(SolidColourPipe(), ["red", "blue", "red"], ["red", "blue", "blue"], seed=5,
-                             batch_size=2)
+    score = colour_agreement(SolidColourPipe(), ["red", "blue", "red"], ["red", "blue", "blue"], seed=5, batch_size=2)
     assert score == pytest.approx(2 / 3)
     assert seen_seeds == [5, 6, 7]  # one seed per sample, whatever the batch size
 
 
 @pytest.mark.parametrize("verdict", ["stage2", "stage3"])
-def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(stage12, stage3_run, tmp_path,
-                                                                        monkeypatch, verdict):
+def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(
+    stage12, stage3_run, tmp_path, monkeypatch, verdict
+):
     import shutil
 
     from pokediff.training import stage3_gate
@@ -259,7 +277,7 @@ def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(stage12, 
     monkeypatch.setattr(stage3_gate, "decide", lambda s2, s3: scores.append((s2, s3)) or verdict)
     result = stage3_gate.gate_stage3(cfg, run, "cpu")
 
-    (s2, s3), = scores
+    ((s2, s3),) = scores
     assert 0.0 <= s2 <= 1.0 and 0.0 <= s3 <= 1.0 and real_decide(s2, s3) in ("stage2", "stage3")
     report = json.loads((run / "stage3_metrics.json").read_text())
     assert report["gate"] == result and result["kept"] == verdict

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_UNET, TINY_VAE, save_tiny_text_encoder
 
 from pokediff.config import load_config
-from tiny import TINY_UNET, TINY_VAE, save_tiny_text_encoder
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
 
@@ -30,8 +30,13 @@ def bench_module():
 @pytest.fixture(scope="module")
 def bench(bench_module, tmp_path_factory):
     encoder = save_tiny_text_encoder(tmp_path_factory.mktemp("tiny_text"))
-    overrides = {**TINY_VAE, **TINY_UNET, "text_encoder.name": encoder, "data.max_text_length": 16,
-                 "unet.cross_attention_dim": 32}
+    overrides = {
+        **TINY_VAE,
+        **TINY_UNET,
+        "text_encoder.name": encoder,
+        "data.max_text_length": 16,
+        "unet.cross_attention_dim": 32,
+    }
     cfg = load_config(None, overrides)
     return bench_module.Bench(cfg, torch.device("cpu"), batch=2)
 

@@ -129,8 +129,17 @@ def test_stage2_loss_falls_on_a_fixed_batch(prediction_type, gamma):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        loss = diffusion_loss(unet, scheduler, latents, embeddings, masks, cfg.stage2.huber_delta,
-                              cfg.stage2.min_snr_gamma, noise, timesteps)
+        loss = diffusion_loss(
+            unet,
+            scheduler,
+            latents,
+            embeddings,
+            masks,
+            cfg.stage2.huber_delta,
+            cfg.stage2.min_snr_gamma,
+            noise,
+            timesteps,
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -195,8 +204,10 @@ class RandomItems(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epoch_seeded_augmentation_depends_on_seed_epoch_and_index_only(workers):
-    loader = seeding.wrap_dataloader_seeded(torch.utils.data.DataLoader(RandomItems(), batch_size=3, num_workers=workers,
-                                                                       persistent_workers=workers > 0), seed=1)
+    loader = seeding.wrap_dataloader_seeded(
+        torch.utils.data.DataLoader(RandomItems(), batch_size=3, num_workers=workers, persistent_workers=workers > 0),
+        seed=1,
+    )
     assert not loader.persistent_workers
 
     def epoch(e):
@@ -364,11 +375,18 @@ def test_stage2_refuses_a_vae_of_another_resolution(tiny_data_root, text_encoder
         train_stage2(cfg, tmp_path / "missing")
 
 
-def test_stage2_resume_matches_an_uninterrupted_run(tiny_data_root, text_encoder_dir, tiny_vae_dir, tmp_path,
-                                                     monkeypatch):
+def test_stage2_resume_matches_an_uninterrupted_run(
+    tiny_data_root, text_encoder_dir, tiny_vae_dir, tmp_path, monkeypatch
+):
     # 20 sprites + 20 mirrored = 40 cache entries / batch 8 = 5 steps per epoch
-    extra = {"stage2.epochs": 2, "stage2.batch_size": 8, "runtime.max_steps": 7, "runtime.checkpoint_every_steps": 3,
-             "stage2.sample_images_per_prompt": 1, "stage2.sample_prompts": ["a red fire type"]}
+    extra = {
+        "stage2.epochs": 2,
+        "stage2.batch_size": 8,
+        "runtime.max_steps": 7,
+        "runtime.checkpoint_every_steps": 3,
+        "stage2.sample_images_per_prompt": 1,
+        "stage2.sample_prompts": ["a red fire type"],
+    }
     full = train_stage2(make_cfg(tiny_data_root, text_encoder_dir, tmp_path / "a", **extra), tiny_vae_dir)
 
     cfg = make_cfg(tiny_data_root, text_encoder_dir, tmp_path / "b", **extra)

@@ -23,19 +23,40 @@ def tiny_args(data_root, text_encoder_dir, out, perceptual: bool = False, **extr
     overrides = tiny_config_overrides(data_root, text_encoder_dir, out)
     # no domain-CLIP quality gate: these runs check plumbing, not quality. The perceptual net is off except in
     # the --stage all smoke run, which keeps the user's default (ST-LPIPS offline) on.
-    overrides.update({"stage2.sample_images_per_prompt": 1, "stage2.sample_prompts": ["a red fire type"],
-                      "clip.min_top1_over_chance": 0.0})
+    overrides.update(
+        {
+            "stage2.sample_images_per_prompt": 1,
+            "stage2.sample_prompts": ["a red fire type"],
+            "clip.min_top1_over_chance": 0.0,
+        }
+    )
     if not perceptual:
         overrides["stage1.perceptual_weight"] = 0.0
     overrides.update(extra)
     # JSON is valid YAML and keeps strings such as "no" from reading as booleans
     # the GPU config's schema and defaults, shrunk by the overrides (without --config a CPU machine picks cpu.yaml)
-    return ["--config", str(REPO_ROOT / "configs" / "default.yaml"), *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    return [
+        "--config",
+        str(REPO_ROOT / "configs" / "default.yaml"),
+        *(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+    ]
 
 
 def test_flags_become_config_overrides(tmp_path):
-    args = train_3stage.parse_args(["--experiment-name", "exp1", "--output-dir", str(tmp_path), "--max-steps", "7",
-                                    "--stage", "2", "stage2.epochs=3", "stage1.batch_size=5"])
+    args = train_3stage.parse_args(
+        [
+            "--experiment-name",
+            "exp1",
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "7",
+            "--stage",
+            "2",
+            "stage2.epochs=3",
+            "stage1.batch_size=5",
+        ]
+    )
     cfg = train_3stage.build_run_config(args)
     assert (cfg.runtime.experiment_name, cfg.runtime.output_dir, cfg.runtime.max_steps) == ("exp1", str(tmp_path), 7)
     assert (cfg.stage2.epochs, cfg.stage1.batch_size) == (3, 5)
@@ -83,20 +104,43 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
 
     # the user's default code paths: perceptual loss on (ST-LPIPS offline) in stage 1, then stage 3 fits the
     # offline domain CLIP on ST-LPIPS's trunk, so the perceptual adapter is built twice in one process
-    outputs = train_3stage.main(["--stage", "all", "--max-steps", "2", "--experiment-name", "smoke",
-                                 *tiny_args(tiny_data_root, text_encoder_dir, tmp_path, perceptual=True,
-                                            **{"runtime.report_to": "tensorboard"})])
+    outputs = train_3stage.main(
+        [
+            "--stage",
+            "all",
+            "--max-steps",
+            "2",
+            "--experiment-name",
+            "smoke",
+            *tiny_args(
+                tiny_data_root, text_encoder_dir, tmp_path, perceptual=True, **{"runtime.report_to": "tensorboard"}
+            ),
+        ]
+    )
     run = tmp_path / "smoke"
     assert outputs["vae"] == run / "vae" and outputs["unet"] == run / "unet"
-    for name in ("config.yaml", "losses.csv", "vae/config.json", "unet/config.json", "pipeline/model_index.json",
-                 "pipeline/README.md", "samples/stage1_epoch0001.png", "samples/stage2_epoch0001.png",
-                 "text_encoder/config.json", "pipeline/domain_clip", "stage3_metrics.json"):
+    for name in (
+        "config.yaml",
+        "losses.csv",
+        "vae/config.json",
+        "unet/config.json",
+        "pipeline/model_index.json",
+        "pipeline/README.md",
+        "samples/stage1_epoch0001.png",
+        "samples/stage2_epoch0001.png",
+        "text_encoder/config.json",
+        "pipeline/domain_clip",
+        "stage3_metrics.json",
+    ):
         assert (run / name).exists(), name
     # the stage-3 gate judged stage 3 against stage 2's text encoder and said which the pipeline keeps
     assert json.loads((run / "stage3_metrics.json").read_text())["gate"]["kept"] == outputs["stage3_gate"]
     assert outputs["stage3_gate"] in ("stage2", "stage3")
-    perceptual = [r["value"] for r in read_losses(run / "losses.csv")
-                  if r["stage"] == "stage1" and r["metric"].endswith("perceptual")]
+    perceptual = [
+        r["value"]
+        for r in read_losses(run / "losses.csv")
+        if r["stage"] == "stage1" and r["metric"].endswith("perceptual")
+    ]
     assert perceptual and all(v > 0 for v in perceptual), perceptual  # the term was computed, not skipped
     for stage in ("stage1", "stage2"):
         state = json.loads((run / "checkpoints" / stage / "checkpoint-0000002" / "training_state.json").read_text())
@@ -104,8 +148,9 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
 
     pipe = PokeSpritePipeline.from_pretrained(str(outputs["pipeline"]))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red fire type", num_inference_steps=2, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red fire type", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     assert image.shape == (1, 3, 215, 215) and torch.isfinite(image).all()
     # stage 1's latent statistics reached the pipeline (per-channel by default: stage1.per_channel_latent_norm)
     stds = pipe.vae.config.latents_std
@@ -118,11 +163,22 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
     assert made["stage1_plot"].is_file() and made["stage2_gif"].is_file()
 
     # resuming a finished run trains nothing more and keeps the step count
-    again = train_3stage.main(["--stage", "2", "--resume", "latest", "--experiment-name", "smoke",
-                               *tiny_args(tiny_data_root, text_encoder_dir, tmp_path, **{"runtime.max_steps": 2})])
+    again = train_3stage.main(
+        [
+            "--stage",
+            "2",
+            "--resume",
+            "latest",
+            "--experiment-name",
+            "smoke",
+            *tiny_args(tiny_data_root, text_encoder_dir, tmp_path, **{"runtime.max_steps": 2}),
+        ]
+    )
     assert again["unet"] == run / "unet"
-    steps = [json.loads(p.read_text())["global_step"]
-             for p in (run / "checkpoints" / "stage2").glob("checkpoint-*/training_state.json")]
+    steps = [
+        json.loads(p.read_text())["global_step"]
+        for p in (run / "checkpoints" / "stage2").glob("checkpoint-*/training_state.json")
+    ]
     assert max(steps) == 2
 
 
@@ -134,9 +190,27 @@ def test_two_process_accelerate_launch(tiny_data_root, text_encoder_dir, tmp_pat
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.x routes --cpu to its simple
     # launcher); --multi_gpu starts two via torchrun and, with runtime.cpu=true and no visible GPU, they form a
     # gloo (MULTI_CPU) group.
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train_3stage.py"), "--stage", "all",
-           "--max-steps", "2", "--experiment-name", "ddp", *args]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO_ROOT / "train_3stage.py"),
+        "--stage",
+        "all",
+        "--max-steps",
+        "2",
+        "--experiment-name",
+        "ddp",
+        *args,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -160,11 +234,17 @@ def test_push_to_hub_uploads_the_pipeline_folder_with_a_model_card(tmp_path, mon
     class Repo:
         repo_id = "someone/pokediff-test"
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, private, exist_ok, **kw: calls.update(
-        create=(repo_id, private)) or Repo())
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, private, exist_ok, **kw: calls.update(create=(repo_id, private)) or Repo(),
+    )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
-    cfg = train_3stage.build_run_config(train_3stage.parse_args(
-        ["--push-to-hub", "--hub-model-id", "someone/pokediff-test", f"runtime.output_dir={tmp_path}"]))
+    cfg = train_3stage.build_run_config(
+        train_3stage.parse_args(
+            ["--push-to-hub", "--hub-model-id", "someone/pokediff-test", f"runtime.output_dir={tmp_path}"]
+        )
+    )
     assert train_3stage.push_pipeline(cfg, folder) == "someone/pokediff-test"
     assert calls["create"] == ("someone/pokediff-test", False)
     assert calls["upload"]["repo_id"] == "someone/pokediff-test" and Path(calls["upload"]["folder_path"]) == folder

@@ -33,7 +33,9 @@ def rand_translation(x, generator=None, ratio=0.125):
     tx = (_rand((b, 1, 1), x, generator) * (2 * shift_x + 1)).long() - shift_x
     ty = (_rand((b, 1, 1), x, generator) * (2 * shift_y + 1)).long() - shift_y
     grid_b, grid_x, grid_y = torch.meshgrid(
-        torch.arange(b, device=x.device), torch.arange(h, device=x.device), torch.arange(w, device=x.device),
+        torch.arange(b, device=x.device),
+        torch.arange(h, device=x.device),
+        torch.arange(w, device=x.device),
         indexing="ij",
     )
     grid_x = torch.clamp(grid_x + tx + 1, 0, h + 1)
@@ -48,7 +50,9 @@ def rand_cutout(x, generator=None, ratio=0.5):
     off_x = (_rand((b, 1, 1), x, generator) * (h + (1 - cut_h % 2))).long()
     off_y = (_rand((b, 1, 1), x, generator) * (w + (1 - cut_w % 2))).long()
     grid_b, grid_x, grid_y = torch.meshgrid(
-        torch.arange(b, device=x.device), torch.arange(cut_h, device=x.device), torch.arange(cut_w, device=x.device),
+        torch.arange(b, device=x.device),
+        torch.arange(cut_h, device=x.device),
+        torch.arange(cut_w, device=x.device),
         indexing="ij",
     )
     grid_x = torch.clamp(grid_x + off_x - cut_h // 2, min=0, max=h - 1)

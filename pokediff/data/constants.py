@@ -1,8 +1,26 @@
 """Vocabulary of the bundled Pokémon metadata."""
 
 TYPE_NAMES = sorted(
-    ["bug", "dark", "dragon", "electric", "fairy", "fighting", "fire", "flying", "ghost", "grass", "ground",
-     "ice", "normal", "poison", "psychic", "rock", "steel", "water"]
+    [
+        "bug",
+        "dark",
+        "dragon",
+        "electric",
+        "fairy",
+        "fighting",
+        "fire",
+        "flying",
+        "ghost",
+        "grass",
+        "ground",
+        "ice",
+        "normal",
+        "poison",
+        "psychic",
+        "rock",
+        "steel",
+        "water",
+    ]
 )
 COLOR_NAMES = ["black", "blue", "brown", "gray", "green", "pink", "purple", "red", "white", "yellow"]
 

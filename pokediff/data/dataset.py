@@ -60,15 +60,15 @@ def _load_raw(data_cfg) -> datasets.Dataset:
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {root}")
         if not any((root / m).is_file() for m in ("metadata.csv", "metadata.jsonl", "metadata.parquet")):
-            raise FileNotFoundError(f"{root} has no metadata.csv/metadata.jsonl: it is not an imagefolder with captions")
+            raise FileNotFoundError(
+                f"{root} has no metadata.csv/metadata.jsonl: it is not an imagefolder with captions"
+            )
         return datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
     if _hub_offline():
         try:
             return datasets.load_dataset(name, split="train")
         except Exception as err:  # datasets raises several types for "not cached"
-            raise ConnectionError(
-                f"dataset '{name}' is not in the local cache and HF_HUB_OFFLINE=1: {err}"
-            ) from None
+            raise ConnectionError(f"dataset '{name}' is not in the local cache and HF_HUB_OFFLINE=1: {err}") from None
     _check_hub_reachable(name)
     return datasets.load_dataset(name, split="train")
 
@@ -107,7 +107,9 @@ def _validate(ds: datasets.Dataset, data_cfg) -> tuple[datasets.Dataset, list[st
         try:
             open_image(entry)
             if caption is None or not str(caption).strip():
-                raise BadDataError(f"row {i} ({_image_source(entry)}) has no caption in column '{data_cfg.caption_column}'")
+                raise BadDataError(
+                    f"row {i} ({_image_source(entry)}) has no caption in column '{data_cfg.caption_column}'"
+                )
             keep.append(i)
         except BadDataError as err:
             if not data_cfg.skip_bad_images:
@@ -221,8 +223,9 @@ def collate_sprites(items: list[dict]) -> dict:
 
 
 def _filters_text(data_cfg) -> str:
-    return (f"data.filter_types={list(data_cfg.filter_types)}, "
-            f"data.filter_generations={list(data_cfg.filter_generations)}")
+    return (
+        f"data.filter_types={list(data_cfg.filter_types)}, data.filter_generations={list(data_cfg.filter_generations)}"
+    )
 
 
 def load_splits(data_cfg, require: tuple[str, ...] = ()) -> dict[str, datasets.Dataset]:
@@ -238,8 +241,15 @@ def load_splits(data_cfg, require: tuple[str, ...] = ()) -> dict[str, datasets.D
     return splits
 
 
-def build_dataloader(data_cfg, split: str, batch_size: int, shuffle: bool | None = None, drop_last: bool = False,
-                     dataset: datasets.Dataset | None = None, generator: torch.Generator | None = None) -> DataLoader:
+def build_dataloader(
+    data_cfg,
+    split: str,
+    batch_size: int,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    dataset: datasets.Dataset | None = None,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
     """DataLoader over one split; only the train split augments (and shuffles by default)."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got '{split}'")

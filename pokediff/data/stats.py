@@ -26,8 +26,11 @@ def data_stats(data_cfg, tokenizer=None) -> dict:
     if tokenizer is not None:
         lengths = np.array([len(ids) for ids in tokenizer(captions)["input_ids"]])
         stats["caption_tokens"] = {
-            "min": int(lengths.min()), "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
-            "max": int(lengths.max()), "max_text_length": data_cfg.max_text_length,
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)),
+            "max": int(lengths.max()),
+            "max_text_length": data_cfg.max_text_length,
             "truncated": int((lengths > data_cfg.max_text_length).sum()),
         }
     words = np.array([len(c.split()) for c in captions])

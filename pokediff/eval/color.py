@@ -71,9 +71,9 @@ def classify_pixels(rgb: np.ndarray) -> np.ndarray:
     c = v - rgb.min(axis=1)
     s = np.where(v > 0, c / np.maximum(v, 1e-6), 0.0)
     safe_c = np.maximum(c, 1e-6)
-    hue = np.where(
-        v == r, ((g - b) / safe_c) % 6, np.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4)
-    ) * 60.0  # degrees
+    hue = (
+        np.where(v == r, ((g - b) / safe_c) % 6, np.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4)) * 60.0
+    )  # degrees
     idx = {name: i for i, name in enumerate(COLOR_NAMES)}
     out = np.empty(len(rgb), dtype=np.int64)
 
@@ -117,7 +117,7 @@ def color_histogram(image, background: Sequence[int] = (255, 255, 255)) -> dict[
     mask = sprite_mask(array, background)
     pixels = array[..., :3][mask]
     if len(pixels) == 0:
-        return {name: 0.0 for name in COLOR_NAMES}
+        return dict.fromkeys(COLOR_NAMES, 0.0)
     counts = np.bincount(classify_pixels(pixels), minlength=len(COLOR_NAMES))
     return {name: float(n) / len(pixels) for name, n in zip(COLOR_NAMES, counts)}
 

@@ -23,7 +23,7 @@ def mean_pairwise_distance(images_0_1: torch.Tensor, perceptual: nn.Module, batc
     pairs = list(itertools.combinations(range(n), 2))
     total = 0.0
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         i = torch.tensor([p[0] for p in chunk], device=device)
         j = torch.tensor([p[1] for p in chunk], device=device)
         total += float(perceptual(x[i], x[j]).sum())

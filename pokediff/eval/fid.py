@@ -94,7 +94,9 @@ def kernel_inception_distance(
         # the "saves all extracted features" memory warning: here they are held anyway
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = KernelInceptionDistance(
-            feature=PrecomputedFeatures(real_features.shape[1]), subsets=subsets, subset_size=size,
+            feature=PrecomputedFeatures(real_features.shape[1]),
+            subsets=subsets,
+            subset_size=size,
             reset_real_features=False,
         )
     metric.update(real_features.double(), real=True)

@@ -25,8 +25,14 @@ def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, exclude_sel
     return sims.max(dim=1)
 
 
-def memorization_metrics(fake: torch.Tensor, train: torch.Tensor, real: torch.Tensor, real_is_train: bool,
-                         train_names: list[str], top: int = 4) -> tuple[dict, list[dict]]:
+def memorization_metrics(
+    fake: torch.Tensor,
+    train: torch.Tensor,
+    real: torch.Tensor,
+    real_is_train: bool,
+    train_names: list[str],
+    top: int = 4,
+) -> tuple[dict, list[dict]]:
     """Metrics and the ``top`` samples closest to a training image (sample index, file, similarity).
 
     ``real``: held-out real features for the natural level; with ``real_is_train`` (the train protocol) each
@@ -43,6 +49,7 @@ def memorization_metrics(fake: torch.Tensor, train: torch.Tensor, real: torch.Te
         "nn_train_closer_than_real_max": float((fake_sim > real_sim.max()).double().mean()),
     }
     order = torch.argsort(fake_sim, descending=True)[:top]
-    closest = [{"sample": int(i), "train_file": train_names[int(fake_idx[i])], "similarity": float(fake_sim[i])}
-               for i in order]
+    closest = [
+        {"sample": int(i), "train_file": train_names[int(fake_idx[i])], "similarity": float(fake_sim[i])} for i in order
+    ]
     return metrics, closest

@@ -74,8 +74,11 @@ def dataset_fingerprint(hf_split: datasets.Dataset, data_cfg, split_name: str, f
 def real_image_batches(hf_split: datasets.Dataset, data_cfg, batch_size: int = 50):
     """Batches (B,3,R,R) in [0,1] of a split, preprocessed as for training without augmentation."""
     loader = DataLoader(
-        SpriteDataset(hf_split, data_cfg, train=False), batch_size=batch_size, shuffle=False,
-        collate_fn=collate_sprites, num_workers=data_cfg.num_workers,
+        SpriteDataset(hf_split, data_cfg, train=False),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_sprites,
+        num_workers=data_cfg.num_workers,
     )
     for batch in loader:
         yield (batch["pixel_values"] + 1) / 2
@@ -120,8 +123,12 @@ def reference_features(
         if features is not None and features.shape[0] == len(hf_split):
             return ReferenceFeatures(features.double(), key, path, cached=True)
     features = extract_features(
-        real_image_batches(hf_split, data_cfg, batch_size), feature_net, device=device,
-        desc=f"real '{split_name}' features", progress=progress, total=-(-len(hf_split) // batch_size),
+        real_image_batches(hf_split, data_cfg, batch_size),
+        feature_net,
+        device=device,
+        desc=f"real '{split_name}' features",
+        progress=progress,
+        total=-(-len(hf_split) // batch_size),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"split": split_name, "key": key, "feature_net": name, "resolution": str(data_cfg.resolution)}

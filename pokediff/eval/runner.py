@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from pokediff.config import DataConfig, config_from_dict, load_config, nest
-from pokediff.device import resolve_device
 from pokediff.data import COLOR_NAMES, SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
+from pokediff.device import resolve_device
 from pokediff.images import save_image_grid
 
 from .color import agreement_from_predictions, color_in_text, dominant_color
 from .diversity import grouped_diversity
-from .inception import FEATURE_NETS, load_feature_net
 from .fid import extract_features, frechet_distance, kernel_inception_distance
+from .inception import FEATURE_NETS, load_feature_net
 from .memorization import memorization_metrics
 from .reconstruction import reconstruction_metrics
 from .reference_stats import feature_net_name, real_image_batches, reference_features
@@ -41,18 +41,45 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CLIP_CHOICES = ("auto", "pretrained", "domain", "none")
 METRIC_KEYS = (
-    "fid", "kid_mean", "kid_std",
-    "clip_score", "clip_score_real",
-    "color_agreement", "color_agreement_real", "color_agreement_freeform",
-    "diversity", "diversity_real_dataset",
-    "recon_l1", "recon_psnr", "recon_perceptual",
-    "nn_train_similarity_mean", "nn_train_similarity_max", "nn_train_similarity_real_mean",
-    "nn_train_similarity_real_max", "nn_train_closer_than_real_max",
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "clip_score",
+    "clip_score_real",
+    "color_agreement",
+    "color_agreement_real",
+    "color_agreement_freeform",
+    "diversity",
+    "diversity_real_dataset",
+    "recon_l1",
+    "recon_psnr",
+    "recon_perceptual",
+    "nn_train_similarity_mean",
+    "nn_train_similarity_max",
+    "nn_train_similarity_real_mean",
+    "nn_train_similarity_real_max",
+    "nn_train_closer_than_real_max",
 )
 RESULT_KEYS = (
-    "schema_version", "model", "protocol", "split", "num_samples", "seed", "resolution", "sampling", "metrics",
-    "skipped", "clip_scorer", "feature_extractor", "perceptual", "reference", "color_confusion", "wall_time_s",
-    "device", "created", "nearest_train",
+    "schema_version",
+    "model",
+    "protocol",
+    "split",
+    "num_samples",
+    "seed",
+    "resolution",
+    "sampling",
+    "metrics",
+    "skipped",
+    "clip_scorer",
+    "feature_extractor",
+    "perceptual",
+    "reference",
+    "color_confusion",
+    "wall_time_s",
+    "device",
+    "created",
+    "nearest_train",
 )
 
 
@@ -127,7 +154,7 @@ def resolve_data_config(sampler, data_overrides: dict | list | None = None) -> D
             from pokediff.config import parse_override
 
             data_overrides = dict(parse_override(o) for o in data_overrides)
-        flat = {k[len("data."):] if k.startswith("data.") else k: v for k, v in data_overrides.items()}
+        flat = {k[len("data.") :] if k.startswith("data.") else k: v for k, v in data_overrides.items()}
         base = _deep_update(base, nest(flat))
     cfg = config_from_dict(DataConfig, base)
     cfg.augment = False  # evaluation never augments
@@ -169,8 +196,9 @@ def _load_clip(settings: EvalSettings, sampler, device):
     run_cfg = _run_config(sampler)
     source = None if settings.clip == "auto" else settings.clip
     try:
-        scorer = load_clip_scorer(model_dir=str(sampler.path), clip_cfg=run_cfg.clip if run_cfg else None,
-                                  device=device, source=source)
+        scorer = load_clip_scorer(
+            model_dir=str(sampler.path), clip_cfg=run_cfg.clip if run_cfg else None, device=device, source=source
+        )
     except ClipUnavailableError as err:
         if settings.clip != "auto":
             raise
@@ -281,21 +309,26 @@ def _split_rows(split_ds, data_cfg: DataConfig) -> _SplitRows:
     records = split_ds.remove_columns(data_cfg.image_column)
     captions = [str(c) for c in records[data_cfg.caption_column]]
     rows = records.to_list()
-    return _SplitRows(captions, [_target_color(row, caption) for row, caption in zip(rows, captions)],
-                      [_primary_type(row) for row in rows])
+    return _SplitRows(
+        captions,
+        [_target_color(row, caption) for row, caption in zip(rows, captions)],
+        [_primary_type(row) for row in rows],
+    )
 
 
 def _prompts_for(sampler, table: _SplitRows, split: str, num: int, seed: int):
     """(split rows, prompts, target colours, primary types) of the ``num`` samples to score."""
     if isinstance(sampler, SavedSamples):
         # the manifest says what each image was asked for; its rows (this split's captions) give the real ceiling
-        rows = [r["row"] for r in sampler.records
-                if r["source"] == split and r.get("row") is not None and 0 <= r["row"] < len(table)]
+        rows = [
+            r["row"]
+            for r in sampler.records
+            if r["source"] == split and r.get("row") is not None and 0 <= r["row"] < len(table)
+        ]
         targets = [r["target_color"] for r in sampler.records]
         return rows or list(range(len(table))), list(sampler.prompts), targets, [None] * num
     rows = _rows_for(table, num, seed)
-    return (rows, [table.captions[i] for i in rows], [table.colors[i] for i in rows],
-            [table.types[i] for i in rows])
+    return (rows, [table.captions[i] for i in rows], [table.colors[i] for i in rows], [table.types[i] for i in rows])
 
 
 @dataclass
@@ -310,8 +343,9 @@ class _Scored:
     size: int | None = None  # the images' side length
 
 
-def _score_images(batches, captions, feature_net=None, clip_scorer=None, background=None,
-                  grid_size: int = 0) -> _Scored:
+def _score_images(
+    batches, captions, feature_net=None, clip_scorer=None, background=None, grid_size: int = 0
+) -> _Scored:
     """One pass over batches (B, 3, H, W) in [0, 1]: FID features, CLIP scores against ``captions``, dominant
     colours (given the ``background``) and the first ``grid_size`` images; no image set is held whole."""
     scored, features, clip_scores = _Scored(), [], []
@@ -321,7 +355,7 @@ def _score_images(batches, captions, feature_net=None, clip_scorer=None, backgro
         if feature_net is not None:
             features.append(extract_features(batch, feature_net, batch_size=n, progress=False))
         if clip_scorer is not None:
-            clip_scores.append(clip_scorer.score(batch, captions[scored.count:scored.count + n]).double().cpu())
+            clip_scores.append(clip_scorer.score(batch, captions[scored.count : scored.count + n]).double().cpu())
         if background is not None:
             scored.colors.extend(dominant_color(image, background) for image in batch)
         held = sum(g.shape[0] for g in scored.grid)
@@ -333,16 +367,21 @@ def _score_images(batches, captions, feature_net=None, clip_scorer=None, backgro
     return scored
 
 
-def _score_real_rows(ref_split, rows, table: _SplitRows, data_cfg, batch_size: int, clip_scorer,
-                     colors: bool) -> tuple[_Scored, list]:
+def _score_real_rows(
+    ref_split, rows, table: _SplitRows, data_cfg, batch_size: int, clip_scorer, colors: bool
+) -> tuple[_Scored, list]:
     """(CLIP scores and colours of the real images of ``rows``, their target colours): the ceiling of the
     samples' text alignment."""
     real_rows = sorted(set(rows))
     if clip_scorer is None and not colors:
         return _Scored(), []
     batches = real_image_batches(ref_split.select(real_rows), data_cfg, batch_size)
-    scored = _score_images(batches, [table.captions[i] for i in real_rows], clip_scorer=clip_scorer,
-                           background=data_cfg.background if colors else None)
+    scored = _score_images(
+        batches,
+        [table.captions[i] for i in real_rows],
+        clip_scorer=clip_scorer,
+        background=data_cfg.background if colors else None,
+    )
     return scored, [table.colors[i] for i in real_rows]
 
 
@@ -350,24 +389,39 @@ def _score_real_rows(ref_split, rows, table: _SplitRows, data_cfg, batch_size: i
 def _fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int, kid_subset_size: int, seed: int):
     """(({"fid", "kid_mean", "kid_std"}, {}), the KID subset size used)."""
     fid = frechet_distance(real, fake)
-    kid_mean, kid_std, kid_size = kernel_inception_distance(real, fake, subsets=kid_subsets,
-                                                            subset_size=kid_subset_size, seed=seed)
+    kid_mean, kid_std, kid_size = kernel_inception_distance(
+        real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+    )
     return ({"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}, {}), kid_size
 
 
-def _memorization(fake: torch.Tensor, reference, settings: EvalSettings, train_split, data_cfg, feature_net,
-                  device, progress):
+def _memorization(
+    fake: torch.Tensor, reference, settings: EvalSettings, train_split, data_cfg, feature_net, device, progress
+):
     """(({"nn_train_*"}, skipped reasons), the samples closest to a training image): each sample's nearest
     training image against the real held-out images' nearest (the natural level)."""
     if not settings.memorization:
         return ({}, {key: "turned off (--no-memorization)" for key in METRIC_KEYS if key.startswith("nn_train")}), None
-    train_ref = reference if settings.split == "train" else reference_features(
-        train_split, data_cfg, "train", feature_net, cache_dir=settings.cache_dir,
-        batch_size=settings.batch_size, device=device, progress=progress)
-    train_names = [Path(str(e.get("path") or "")).name or f"row {i}"
-                   for i, e in enumerate(train_split[data_cfg.image_column])]
-    metrics, closest = memorization_metrics(fake, train_ref.features, reference.features,
-                                            real_is_train=settings.split == "train", train_names=train_names)
+    train_ref = (
+        reference
+        if settings.split == "train"
+        else reference_features(
+            train_split,
+            data_cfg,
+            "train",
+            feature_net,
+            cache_dir=settings.cache_dir,
+            batch_size=settings.batch_size,
+            device=device,
+            progress=progress,
+        )
+    )
+    train_names = [
+        Path(str(e.get("path") or "")).name or f"row {i}" for i, e in enumerate(train_split[data_cfg.image_column])
+    ]
+    metrics, closest = memorization_metrics(
+        fake, train_ref.features, reference.features, real_is_train=settings.split == "train", train_names=train_names
+    )
     return (metrics, {}), closest
 
 
@@ -414,9 +468,18 @@ def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, pe
         prompts = [captions[i] for i in chosen for _ in range(s)]
         prompt_types = [types[i] for i in chosen for _ in range(s)]
         # a seed range apart from the main samples'
-        images = torch.cat(list(sampler.sample(prompts, prompt_types, seed=settings.seed + 1_000_003,
-                                               batch_size=settings.batch_size, progress=progress,
-                                               desc="diversity samples")))
+        images = torch.cat(
+            list(
+                sampler.sample(
+                    prompts,
+                    prompt_types,
+                    seed=settings.seed + 1_000_003,
+                    batch_size=settings.batch_size,
+                    progress=progress,
+                    desc="diversity samples",
+                )
+            )
+        )
         metrics = {"diversity": grouped_diversity(list(images.split(s)), perceptual)["mean"]}
     # groups of different real sprites: how far apart two random sprites are, for scale
     count = min(len(ref_split), p * s)
@@ -439,14 +502,22 @@ def _freeform_colors(sampler, settings, progress):
     if not settings.freeform_samples:
         return {}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"}
     if isinstance(sampler, SavedSamples):
-        return {}, {"color_agreement_freeform": "saved samples cannot answer new prompts: score the archive's "
-                                                "free-form records with --sources freeform (their color_agreement)"}
+        return {}, {
+            "color_agreement_freeform": "saved samples cannot answer new prompts: score the archive's "
+            "free-form records with --sources freeform (their color_agreement)"
+        }
     prompts = [p for p, _ in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
     targets = [c for _, c in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
     predicted = []
     # a seed range apart from the main and diversity samples'
-    for batch in sampler.sample(prompts, None, seed=settings.seed + 2_000_003, batch_size=settings.batch_size,
-                                progress=progress, desc="free-form prompts"):
+    for batch in sampler.sample(
+        prompts,
+        None,
+        seed=settings.seed + 2_000_003,
+        batch_size=settings.batch_size,
+        progress=progress,
+        desc="free-form prompts",
+    ):
         predicted.extend(dominant_color(image, sampler.background) for image in batch)
     return {"color_agreement_freeform": agreement_from_predictions(predicted, targets)["accuracy"]}, {}
 
@@ -457,25 +528,30 @@ def _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, pro
     if sampler.vae is None or not settings.recon_num:
         no_vae = "saved samples come without their model" if sampler.kind == "samples" else "a GAN has no autoencoder"
         reason = no_vae if sampler.vae is None else "turned off (recon_num = 0)"
-        return {}, {key: reason for key in keys}
+        return {}, dict.fromkeys(keys, reason)
     split = "test" if settings.split == "test" else "val"
     dataset = splits[split].select(range(min(settings.recon_num, len(splits[split]))))
     if not len(dataset):
-        return {}, {key: f"the '{split}' split is empty" for key in keys}
+        return {}, dict.fromkeys(keys, f"the '{split}' split is empty")
     loader = torch.utils.data.DataLoader(
-        SpriteDataset(dataset, data_cfg, train=False), batch_size=settings.batch_size, collate_fn=collate_sprites,
+        SpriteDataset(dataset, data_cfg, train=False),
+        batch_size=settings.batch_size,
+        collate_fn=collate_sprites,
     )
     recon = reconstruction_metrics(
-        sampler.vae, ((b["pixel_values"], b["text"]) for b in loader), perceptual,
-        encode_text=getattr(sampler, "encode_text", None), device=device, progress=progress,
+        sampler.vae,
+        ((b["pixel_values"], b["text"]) for b in loader),
+        perceptual,
+        encode_text=getattr(sampler, "encode_text", None),
+        device=device,
+        progress=progress,
     )
     return {"recon_l1": recon["l1"], "recon_psnr": recon["psnr"], "recon_perceptual": recon["perceptual"]}, {}
 
 
-
 def _merge(parts) -> tuple[dict, dict]:
     """Every metric (None where not computed) and why each missing one is missing, from (metrics, skipped) parts."""
-    metrics, skipped = {key: None for key in METRIC_KEYS}, {}
+    metrics, skipped = dict.fromkeys(METRIC_KEYS), {}
     for part_metrics, part_skipped in parts:
         metrics.update(part_metrics)
         skipped.update(part_skipped)
@@ -486,12 +562,32 @@ def _merge(parts) -> tuple[dict, dict]:
 
 
 def _device_name(device: str) -> str:
-    return device + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else
-                     f" ({platform.processor() or platform.machine()})")
+    return device + (
+        f" ({torch.cuda.get_device_name()})"
+        if device.startswith("cuda")
+        else f" ({platform.processor() or platform.machine()})"
+    )
 
 
-def _result(model_path, sampler, settings: EvalSettings, *, num, resolution, metrics, skipped, nearest_train,
-            color_confusion, kid_size, clip_scorer, feature_net, perceptual, reference, device, started) -> dict:
+def _result(
+    model_path,
+    sampler,
+    settings: EvalSettings,
+    *,
+    num,
+    resolution,
+    metrics,
+    skipped,
+    nearest_train,
+    color_confusion,
+    kid_size,
+    clip_scorer,
+    feature_net,
+    perceptual,
+    reference,
+    device,
+    started,
+) -> dict:
     """The result dict (``RESULT_KEYS``; ``write_result`` stores it as JSON)."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -565,10 +661,17 @@ def evaluate(
     rows, prompts, targets, types = _prompts_for(sampler, table, settings.split, num, settings.seed)
 
     # 3. sample once, scoring each batch as it comes
-    batches = sampler.sample(prompts, types, seed=settings.seed, batch_size=settings.batch_size,
-                             progress=progress, desc=f"sampling {num}")
-    samples = _score_images(batches, prompts, feature_net, clip_scorer,
-                            sampler.background if sampler.text_conditional else None, settings.grid_size)
+    batches = sampler.sample(
+        prompts, types, seed=settings.seed, batch_size=settings.batch_size, progress=progress, desc=f"sampling {num}"
+    )
+    samples = _score_images(
+        batches,
+        prompts,
+        feature_net,
+        clip_scorer,
+        sampler.background if sampler.text_conditional else None,
+        settings.grid_size,
+    )
     if samples.count != num:
         raise RuntimeError(f"the model produced {samples.count} images, expected {num}")
     if samples.size != data_cfg.resolution:
@@ -576,30 +679,58 @@ def evaluate(
         data_cfg = dataclasses.replace(data_cfg, resolution=samples.size)
 
     # 4. the metrics, each (metrics, skipped reasons), against the real images of the split
-    reference = reference_features(ref_split, data_cfg, settings.split, feature_net, cache_dir=settings.cache_dir,
-                                   batch_size=settings.batch_size, device=device, progress=progress)
-    fid_kid, kid_size = _fid_kid(reference.features, samples.features, settings.kid_subsets,
-                                 settings.kid_subset_size, settings.seed)
-    memorization, nearest_train = _memorization(samples.features, reference, settings, splits["train"], data_cfg,
-                                                feature_net, device, progress)
-    real, real_targets = _score_real_rows(ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer,
-                                          colors=sampler.text_conditional)
-    colors, color_confusion = _color_agreement(samples.colors, targets, real.colors, real_targets,
-                                               _not_captioned(sampler))
-    metrics, skipped = _merge([
-        _clip_score(samples.clip_scores, real.clip_scores, clip_skip),
-        fid_kid,
-        memorization,
-        colors,
-        _diversity(sampler, settings, ref_split, rows, table.captions, table.types, data_cfg, perceptual, progress),
-        _freeform_colors(sampler, settings, progress),
-        _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress),
-    ])
+    reference = reference_features(
+        ref_split,
+        data_cfg,
+        settings.split,
+        feature_net,
+        cache_dir=settings.cache_dir,
+        batch_size=settings.batch_size,
+        device=device,
+        progress=progress,
+    )
+    fid_kid, kid_size = _fid_kid(
+        reference.features, samples.features, settings.kid_subsets, settings.kid_subset_size, settings.seed
+    )
+    memorization, nearest_train = _memorization(
+        samples.features, reference, settings, splits["train"], data_cfg, feature_net, device, progress
+    )
+    real, real_targets = _score_real_rows(
+        ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer, colors=sampler.text_conditional
+    )
+    colors, color_confusion = _color_agreement(
+        samples.colors, targets, real.colors, real_targets, _not_captioned(sampler)
+    )
+    metrics, skipped = _merge(
+        [
+            _clip_score(samples.clip_scores, real.clip_scores, clip_skip),
+            fid_kid,
+            memorization,
+            colors,
+            _diversity(sampler, settings, ref_split, rows, table.captions, table.types, data_cfg, perceptual, progress),
+            _freeform_colors(sampler, settings, progress),
+            _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress),
+        ]
+    )
 
     # 5. the result and the grid
-    result = _result(model_path, sampler, settings, num=num, resolution=data_cfg.resolution, metrics=metrics,
-                     skipped=skipped, nearest_train=nearest_train, color_confusion=color_confusion,
-                     kid_size=kid_size, clip_scorer=clip_scorer, feature_net=feature_net, perceptual=perceptual,
-                     reference=reference, device=device, started=started)
+    result = _result(
+        model_path,
+        sampler,
+        settings,
+        num=num,
+        resolution=data_cfg.resolution,
+        metrics=metrics,
+        skipped=skipped,
+        nearest_train=nearest_train,
+        color_confusion=color_confusion,
+        kid_size=kid_size,
+        clip_scorer=clip_scorer,
+        feature_net=feature_net,
+        perceptual=perceptual,
+        reference=reference,
+        device=device,
+        started=started,
+    )
     validate_result(result)
     return result, torch.cat(samples.grid) if samples.grid else torch.empty(0, 3, 1, 1)

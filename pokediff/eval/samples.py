@@ -66,7 +66,9 @@ def _encode_all(arrays: Sequence[np.ndarray], quality: Optional[int], workers: i
         return list(pool.map(lambda a: encode_webp(a, quality), arrays))
 
 
-def choose_encoding(arrays: Sequence[np.ndarray], budget_bytes: int, workers: int = 8) -> tuple[Optional[int], list[bytes]]:
+def choose_encoding(
+    arrays: Sequence[np.ndarray], budget_bytes: int, workers: int = 8
+) -> tuple[Optional[int], list[bytes]]:
     """(quality or None for lossless, encoded images): the best encoding whose total fits ``budget_bytes``.
 
     Lossless is tried on a sample of 64 images first, so a set that cannot fit is not encoded losslessly in full.
@@ -92,8 +94,15 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def pack_samples(images: Sequence[np.ndarray], records: Sequence[SampleRecord], out_dir, max_archives: int = 2,
-                 max_bytes: int = MAX_ARCHIVE_BYTES, workers: int = 8, run_info: Optional[dict] = None) -> dict:
+def pack_samples(
+    images: Sequence[np.ndarray],
+    records: Sequence[SampleRecord],
+    out_dir,
+    max_archives: int = 2,
+    max_bytes: int = MAX_ARCHIVE_BYTES,
+    workers: int = 8,
+    run_info: Optional[dict] = None,
+) -> dict:
     """Write ``images`` (uint8 HWC) with their ``records`` into ``out_dir/samples-K.tar``; returns a summary.
 
     Images are split into contiguous, nearly equal parts, one per archive; the encoding is chosen so all parts fit.
@@ -125,15 +134,19 @@ def pack_samples(images: Sequence[np.ndarray], records: Sequence[SampleRecord], 
         path = out_dir / ARCHIVE_PATTERN.format(index=index)
         data = _tar_bytes(members)
         if len(data) > max_bytes:
-            raise RuntimeError(f"{path} would be {len(data) / MiB:.2f} MiB, over the {max_bytes / MiB:.2f} MiB limit "
-                               f"even at WebP quality {quality}: generate fewer samples")
+            raise RuntimeError(
+                f"{path} would be {len(data) / MiB:.2f} MiB, over the {max_bytes / MiB:.2f} MiB limit "
+                f"even at WebP quality {quality}: generate fewer samples"
+            )
         tars.append((path, data, len(part)))
     archives = []
     for path, data, count in tars:  # written only once every part fits
         write_bytes_atomic(path, data)
         archives.append({"file": path.name, "images": count, "bytes": len(data)})
-    errors = [int(np.abs(np.asarray(decode(encoded[i]), dtype=np.int16) - images[i]).max())
-              for i in range(0, len(images), max(1, len(images) // 32))]
+    errors = [
+        int(np.abs(np.asarray(decode(encoded[i]), dtype=np.int16) - images[i]).max())
+        for i in range(0, len(images), max(1, len(images) // 32))
+    ]
     return {"encoding": encoding, "archives": archives, "max_abs_pixel_error_sampled": max(errors)}
 
 

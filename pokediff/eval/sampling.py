@@ -64,11 +64,18 @@ class DiffusionSampler:
         return {"scheduler": type(self.pipeline.scheduler).__name__, **self.call_kwargs}
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], type_names=None, seed: int = 0, batch_size: int = 16,
-               progress: bool = True, desc: str = "sampling"):
+    def sample(
+        self,
+        prompts: list[str],
+        type_names=None,
+        seed: int = 0,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "sampling",
+    ):
         """Yields batches (B, 3, H, W) in [0, 1] on the CPU, one image per prompt."""
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
             images = self.pipeline(chunk, generator=generators, output_type="pt", **self.call_kwargs).images
             yield images.float().cpu()
@@ -109,8 +116,15 @@ class GanSampler:
         return {"model_name": self.model_name, "step": self.meta.get("step"), "use_ema": self.use_ema}
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], type_names=None, seed: int = 0, batch_size: int = 64,
-               progress: bool = True, desc: str = "sampling"):
+    def sample(
+        self,
+        prompts: list[str],
+        type_names=None,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = True,
+        desc: str = "sampling",
+    ):
         """Yields batches (B, 3, H, W) in [0, 1] on the CPU; prompts only set the count, types the class
         of a type-conditional GAN (images come back in the order of ``prompts``)."""
         from pokediff.gan.generate import sample_from_checkpoint
@@ -120,8 +134,14 @@ class GanSampler:
             # chunks bound the memory of large --num; chunk k uses seed + its first index
             chunk = max(batch_size, GAN_CHUNK)
             for start in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
-                images = sample_from_checkpoint(self.path, min(chunk, n - start), seed=seed + start,
-                                                use_ema=self.use_ema, device=self.device, batch_size=batch_size)
+                images = sample_from_checkpoint(
+                    self.path,
+                    min(chunk, n - start),
+                    seed=seed + start,
+                    use_ema=self.use_ema,
+                    device=self.device,
+                    batch_size=batch_size,
+                )
                 yield from images.float().cpu().split(batch_size)
             return
         # one call per type; each type gets its own seed so the draws do not repeat across types
@@ -129,10 +149,18 @@ class GanSampler:
         groups: dict = {}
         for i, t in enumerate(type_names):
             groups.setdefault(t, []).append(i)
-        for g, (type_name, indices) in enumerate(tqdm(sorted(groups.items(), key=lambda kv: str(kv[0])),
-                                                      desc=desc, disable=not progress, leave=False)):
-            images = sample_from_checkpoint(self.path, len(indices), seed=seed + TYPE_SEED_STRIDE * g, type_name=type_name,
-                                            use_ema=self.use_ema, device=self.device, batch_size=batch_size)
+        for g, (type_name, indices) in enumerate(
+            tqdm(sorted(groups.items(), key=lambda kv: str(kv[0])), desc=desc, disable=not progress, leave=False)
+        ):
+            images = sample_from_checkpoint(
+                self.path,
+                len(indices),
+                seed=seed + TYPE_SEED_STRIDE * g,
+                type_name=type_name,
+                use_ema=self.use_ema,
+                device=self.device,
+                batch_size=batch_size,
+            )
             for i, image in zip(indices, images.float().cpu()):
                 out[i] = image
         yield from torch.stack(out).split(batch_size)
@@ -175,8 +203,9 @@ class SavedSamples:
         if sources:
             pairs = [(r, im) for r, im in pairs if r["source"] in sources]
             if not pairs:
-                raise ValueError(f"{self.path} has no samples from {', '.join(sources)} (it has: "
-                                 f"{', '.join(available)})")
+                raise ValueError(
+                    f"{self.path} has no samples from {', '.join(sources)} (it has: {', '.join(available)})"
+                )
         self.records = [r for r, _ in pairs]
         self.images = [image_tensor(im) for _, im in pairs]
         self.sources = sorted({r["source"] for r in self.records})
@@ -193,14 +222,24 @@ class SavedSamples:
         return _hash_json({"records": self.records, "run": self.run_info})
 
     def describe(self) -> dict:
-        return {"sources": self.sources, "encoding": self.records[0].get("encoding"),
-                "generated_by": self.run_info.get("generated_by")}
+        return {
+            "sources": self.sources,
+            "encoding": self.records[0].get("encoding"),
+            "generated_by": self.run_info.get("generated_by"),
+        }
 
-    def sample(self, prompts: list[str], type_names=None, seed: int = 0, batch_size: int = 16,
-               progress: bool = True, desc: str = "sampling"):
+    def sample(
+        self,
+        prompts: list[str],
+        type_names=None,
+        seed: int = 0,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "sampling",
+    ):
         """Yields the stored images for ``prompts``: the manifest's own prompts, in order (anything else is an
         error: stored images cannot answer new prompts)."""
         if list(prompts) != self.prompts:
             raise ValueError("saved samples can only replay their own prompts, in manifest order")
         for start in range(0, len(self.images), batch_size):
-            yield torch.stack(self.images[start:start + batch_size])
+            yield torch.stack(self.images[start : start + batch_size])

@@ -28,7 +28,13 @@ class ConditionalDCGANGenerator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, resolution=96, latent_dim=50, base_channels=64, max_channels=512, dropout=0.0, num_classes=18,
+        self,
+        resolution=96,
+        latent_dim=50,
+        base_channels=64,
+        max_channels=512,
+        dropout=0.0,
+        num_classes=18,
         class_embed_dim=16,
     ):
         super().__init__()

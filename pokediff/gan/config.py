@@ -128,9 +128,20 @@ def _check_ranges(cfg: GanConfig) -> None:
     c = ConfigChecker(cfg)
     c.choice("model.name", MODEL_NAMES)
     c.choice("train.loss", LOSS_NAMES)
-    c.ints_at_least(1, "model.resolution", "model.latent_dim", "model.g_features", "model.d_features",
-                    "model.g_max_features", "model.d_max_features", "model.num_classes", "model.class_embed_dim",
-                    "train.batch_size", "train.epochs", "train.n_critic")
+    c.ints_at_least(
+        1,
+        "model.resolution",
+        "model.latent_dim",
+        "model.g_features",
+        "model.d_features",
+        "model.g_max_features",
+        "model.d_max_features",
+        "model.num_classes",
+        "model.class_embed_dim",
+        "train.batch_size",
+        "train.epochs",
+        "train.n_critic",
+    )
     c.ints_at_least(0, "model.attention_resolution", "pretrain.steps")
     c.fraction("model.g_dropout", high_open=True)
     c.ints_at_least(1, "train.max_steps", optional=True)
@@ -140,9 +151,15 @@ def _check_ranges(cfg: GanConfig) -> None:
     c.non_negative("train.lambda_gp", "train.drift", "train.feature_matching")
     c.fraction("train.label_flip_prob")
     c.fraction("train.ema_decay", low_open=True, high_open=True, optional=True)
-    c.ints_at_least(1, "train.nan_max_consecutive", "runtime.checkpoint_every_steps",
-                    "runtime.checkpoints_total_limit", "runtime.sample_every_epochs", "runtime.num_sample_images",
-                    "runtime.log_every_steps")
+    c.ints_at_least(
+        1,
+        "train.nan_max_consecutive",
+        "runtime.checkpoint_every_steps",
+        "runtime.checkpoints_total_limit",
+        "runtime.sample_every_epochs",
+        "runtime.num_sample_images",
+        "runtime.log_every_steps",
+    )
     c.fraction("progan.fade_in", high_open=True)
     c.choice("runtime.report_to", REPORT_TO)
     c.non_empty_text("runtime.output_dir", "runtime.device")

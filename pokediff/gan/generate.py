@@ -42,7 +42,12 @@ def _class_labels(generator, meta, num, type_name, rng) -> torch.Tensor | None:
 
 @torch.no_grad()
 def sample_from_checkpoint(
-    path, num: int, seed: int = 0, type_name: str | None = None, use_ema: bool = True, device="cpu",
+    path,
+    num: int,
+    seed: int = 0,
+    type_name: str | None = None,
+    use_ema: bool = True,
+    device="cpu",
     batch_size: int = 64,
 ) -> torch.Tensor:
     """``num`` images (N, 3, H, W) in [0, 1] on the CPU from a GAN checkpoint (or run folder: its latest).
@@ -134,7 +139,12 @@ def _generate(args) -> Path:
     output = Path(args.output) if args.output else checkpoint / f"samples-seed{args.seed}{suffix}"
     check_writable_folder(output, "--output")  # before sampling
     images = sample_from_checkpoint(
-        checkpoint, args.num, seed=args.seed, type_name=args.type_name, use_ema=not args.no_ema, device=device,
+        checkpoint,
+        args.num,
+        seed=args.seed,
+        type_name=args.type_name,
+        use_ema=not args.no_ema,
+        device=device,
         batch_size=args.batch_size,
     )
     try:

@@ -123,6 +123,7 @@ def plot_losses(run_or_csv, output=None, smooth: int = 25, width: int = 900, pan
         raise ValueError(f"smooth must be >= 1 step, got {smooth}")
     source = Path(run_or_csv)
     columns = read_losses(source)
+
     def informative(name):  # e.g. gp of a run without gradient penalty: an all-zero line says nothing
         return name in columns and any(math.isfinite(v) and v != 0 for v in columns[name])
 

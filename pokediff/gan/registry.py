@@ -64,7 +64,12 @@ def build_models(cfg: GanConfig):
             ),
             # overlapping patches: each D token sees a quarter patch beyond its borders on every side
             ViTGANDiscriminator(
-                res, m.patch_size, max(m.patch_size // 4, 1), m.d_features, m.d_depth, m.num_heads,
+                res,
+                m.patch_size,
+                max(m.patch_size // 4, 1),
+                m.d_features,
+                m.d_depth,
+                m.num_heads,
                 spectral_norm=m.spectral_norm,
             ),
         )

@@ -19,13 +19,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from pokediff.curves import CsvLog
 from pokediff.config import ConfigError, config_from_dict, nest, parse_override, save_config
+from pokediff.curves import CsvLog
 from pokediff.data import TYPE_NAMES, build_dataloader, load_splits, load_sprite_dataset, primary_type_id
-from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_meta, resolve_checkpoint
-from pokediff.gan.config import MODEL_NAMES, GanConfig, default_config_path, load_gan_config, validate_gan_config
 from pokediff.device import resolve_device
 from pokediff.errors import report_user_errors, write_failure
+from pokediff.gan.checkpoint import list_checkpoints, prune_checkpoints, read_meta, resolve_checkpoint
+from pokediff.gan.config import MODEL_NAMES, GanConfig, default_config_path, load_gan_config, validate_gan_config
 from pokediff.gan.registry import build_models
 from pokediff.gan.trainer import GanTrainer
 from pokediff.images import save_image_grid
@@ -33,8 +33,23 @@ from pokediff.images import save_image_grid
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = [
-    "step", "epoch", "phase", "d_loss", "g_loss", "gp", "fm_loss", "d_real", "d_fake", "d_grad_norm",
-    "g_grad_norm", "lr_g", "lr_d", "resolution", "alpha", "skipped", "seconds",
+    "step",
+    "epoch",
+    "phase",
+    "d_loss",
+    "g_loss",
+    "gp",
+    "fm_loss",
+    "d_real",
+    "d_fake",
+    "d_grad_norm",
+    "g_grad_norm",
+    "lr_g",
+    "lr_d",
+    "resolution",
+    "alpha",
+    "skipped",
+    "seconds",
 ]
 
 
@@ -71,7 +86,12 @@ class EpochBatches:
 
 def _loader(data_cfg, batch_size: int, dataset, seed: int):
     return build_dataloader(
-        data_cfg, "train", batch_size, shuffle=True, drop_last=True, dataset=dataset,
+        data_cfg,
+        "train",
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        dataset=dataset,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -176,8 +196,11 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
 
     steps_per_epoch = max(len(sprites.loader) // train_cfg.n_critic, 1)
     trainer.steps_per_epoch = steps_per_epoch  # progan.schedule counts its phases in epochs
-    total = (train_cfg.max_steps if train_cfg.max_steps is not None
-             else cfg.pretrain.steps * bool(pretrain) + train_cfg.epochs * steps_per_epoch)
+    total = (
+        train_cfg.max_steps
+        if train_cfg.max_steps is not None
+        else cfg.pretrain.steps * bool(pretrain) + train_cfg.epochs * steps_per_epoch
+    )
     started = time.time()
     stop_reason = "max_steps"
     bar = tqdm(total=total, initial=min(trainer.step, total), desc=f"gan:{cfg.model.name}", unit="step")
@@ -194,8 +217,12 @@ def train(cfg: GanConfig, resume=None, run_dir=None) -> Path:
             in_pretrain = pretrain is not None and trainer.step < cfg.pretrain.steps
             metrics = trainer.train_step(pretrain if in_pretrain else sprites)
             row = {
-                "step": trainer.step, "epoch": trainer.epoch, "phase": "pretrain" if in_pretrain else "train",
-                **metrics, "lr_g": trainer.opt_g.param_groups[0]["lr"], "lr_d": trainer.opt_d.param_groups[0]["lr"],
+                "step": trainer.step,
+                "epoch": trainer.epoch,
+                "phase": "pretrain" if in_pretrain else "train",
+                **metrics,
+                "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                "lr_d": trainer.opt_d.param_groups[0]["lr"],
                 "seconds": round(time.time() - started, 2),
             }
             losses_csv.append([row])
@@ -234,8 +261,10 @@ def plan_training(cfg: GanConfig) -> dict:
     train_cfg, rt = cfg.train, cfg.runtime
     batches = len(train_split) // train_cfg.batch_size  # drop_last=True, as in training
     if batches == 0:
-        raise ConfigError(f"train.batch_size={train_cfg.batch_size}: larger than the training split "
-                          f"({len(train_split)} images); lower the batch size")
+        raise ConfigError(
+            f"train.batch_size={train_cfg.batch_size}: larger than the training split "
+            f"({len(train_split)} images); lower the batch size"
+        )
     steps_per_epoch = max(batches // train_cfg.n_critic, 1)
     pretrain_steps = cfg.pretrain.steps if cfg.pretrain.dataset else 0
     total = pretrain_steps + train_cfg.epochs * steps_per_epoch  # training stops at train.epochs or train.max_steps
@@ -243,25 +272,33 @@ def plan_training(cfg: GanConfig) -> dict:
         total = min(total, train_cfg.max_steps)
     generator, discriminator = build_models(cfg)
     return {
-        "model": cfg.model.name, "train_images": len(train_split), "batch_size": train_cfg.batch_size,
-        "generator": count_parameters(generator)[0], "discriminator": count_parameters(discriminator)[0],
-        "steps_per_epoch": steps_per_epoch, "total_steps": total, "max_minutes": train_cfg.max_minutes,
+        "model": cfg.model.name,
+        "train_images": len(train_split),
+        "batch_size": train_cfg.batch_size,
+        "generator": count_parameters(generator)[0],
+        "discriminator": count_parameters(discriminator)[0],
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "max_minutes": train_cfg.max_minutes,
         "checkpoint_every_steps": rt.checkpoint_every_steps,
         "checkpoints_written": total // rt.checkpoint_every_steps + (total % rt.checkpoint_every_steps != 0),
-        "checkpoints_kept": rt.checkpoints_total_limit, "run_dir": str(default_run_dir(cfg)),
+        "checkpoints_kept": rt.checkpoints_total_limit,
+        "run_dir": str(default_run_dir(cfg)),
     }
 
 
 def format_training_plan(plan: dict) -> str:
     budget = f", or {plan['max_minutes']} minutes if sooner" if plan["max_minutes"] is not None else ""
-    return "\n".join([
-        f"{plan['model']}: generator {plan['generator']:,} parameters, discriminator {plan['discriminator']:,}",
-        f"data: {plan['train_images']} training images, batch size {plan['batch_size']}",
-        f"{plan['steps_per_epoch']} generator steps per epoch, {plan['total_steps']} generator steps in total{budget}",
-        f"checkpoint every {plan['checkpoint_every_steps']} steps and at the end: {plan['checkpoints_written']} "
-        f"written, newest {plan['checkpoints_kept']} kept, in {plan['run_dir']}",
-        "dry run: nothing trained, nothing written",
-    ])
+    return "\n".join(
+        [
+            f"{plan['model']}: generator {plan['generator']:,} parameters, discriminator {plan['discriminator']:,}",
+            f"data: {plan['train_images']} training images, batch size {plan['batch_size']}",
+            f"{plan['steps_per_epoch']} generator steps per epoch, {plan['total_steps']} generator steps in total{budget}",
+            f"checkpoint every {plan['checkpoint_every_steps']} steps and at the end: {plan['checkpoints_written']} "
+            f"written, newest {plan['checkpoints_kept']} kept, in {plan['run_dir']}",
+            "dry run: nothing trained, nothing written",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -278,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pokediff.gan.train", description="Train a GAN baseline on the sprites.")
     p.add_argument("--model", choices=MODEL_NAMES, help="which GAN (required unless --resume)")
     p.add_argument(
-        "--config", action="append",
+        "--config",
+        action="append",
         help="YAML layered over configs/gan/<model>.yaml (on resume: over the saved config); repeatable",
     )
     p.add_argument("--resume", help="checkpoint folder or run folder (its latest checkpoint) to continue from")
@@ -292,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-dataset", help="datasets hub name or local imagefolder to pretrain on first")
     p.add_argument("--pretrain-steps", type=int, help="generator steps on the pretraining data")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check config and data, print the networks' sizes and the step plan, exit without training")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config and data, print the networks' sizes and the step plan, exit without training",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lambda_gp=5 model.latent_dim=100")
     return p
 

@@ -58,9 +58,7 @@ class GanTrainer:
     def phase_at(self, step: int) -> tuple[int, float, float]:
         """(resolution, alpha, lr) of ``progan.schedule`` at generator step ``step``."""
         if self.steps_per_epoch is None:
-            raise ValueError(
-                "progan.schedule counts epochs: set GanTrainer.steps_per_epoch (pokediff.gan.train does)"
-            )
+            raise ValueError("progan.schedule counts epochs: set GanTrainer.steps_per_epoch (pokediff.gan.train does)")
         p = self.cfg.progan
         phases = [(resolution, epochs * self.steps_per_epoch, lr) for resolution, epochs, lr in p.schedule]
         return progan_phase(step, phases, p.fade_in, p.cycle)
@@ -167,14 +165,19 @@ class GanTrainer:
             out_fake = D(fake_in, labels, **d_kwargs)
             if train_cfg.loss == "bce":
                 targets = dict(
-                    smoothing=train_cfg.label_smoothing, real_range=train_cfg.real_label_range,
-                    fake_range=train_cfg.fake_label_range, flip_prob=train_cfg.label_flip_prob, device=self.device,
+                    smoothing=train_cfg.label_smoothing,
+                    real_range=train_cfg.real_label_range,
+                    fake_range=train_cfg.fake_label_range,
+                    flip_prob=train_cfg.label_flip_prob,
+                    device=self.device,
                     generator=self.noise_rng,
                 )
                 targets_real = losses.discriminator_targets(batch, real=True, **targets)
                 targets_fake = losses.discriminator_targets(batch, real=False, **targets)
                 if self.n_plus_one:
-                    d_loss = losses.n_plus_one_discriminator_loss(out_real, out_fake, labels, targets_real, targets_fake)
+                    d_loss = losses.n_plus_one_discriminator_loss(
+                        out_real, out_fake, labels, targets_real, targets_fake
+                    )
                 else:
                     d_loss = losses.bce_discriminator_loss(out_real, out_fake, targets_real, targets_fake)
             else:

@@ -142,7 +142,14 @@ class ViTGANDiscriminator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, resolution=64, patch_size=8, patch_overlap=2, dim=128, depth=4, num_heads=4, mlp_ratio=2,
+        self,
+        resolution=64,
+        patch_size=8,
+        patch_overlap=2,
+        dim=128,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2,
         spectral_norm=True,
     ):
         super().__init__()
@@ -230,13 +237,24 @@ class ViTGANGenerator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, resolution=64, latent_dim=128, patch_size=8, dim=128, depth=4, num_heads=4, mlp_ratio=2,
-        decoder_channels=64, fourier_bands=4,
+        self,
+        resolution=64,
+        latent_dim=128,
+        patch_size=8,
+        dim=128,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2,
+        decoder_channels=64,
+        fourier_bands=4,
     ):
         super().__init__()
         grid = check_patch_grid(resolution, patch_size, dim, num_heads, "ViTGANGenerator")
         self.mapping = nn.Sequential(  # z -> w, the style every SLN reads
-            nn.Linear(latent_dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim), nn.LeakyReLU(0.2),
+            nn.Linear(latent_dim, dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(dim, dim),
+            nn.LeakyReLU(0.2),
         )
         self.position_embedding = nn.Parameter(torch.randn(1, grid * grid, dim))  # the input sequence
         self.blocks = nn.ModuleList(_GeneratorBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -246,7 +264,8 @@ class ViTGANGenerator(ModelMixin, ConfigMixin):
         yy, xx = torch.meshgrid(coords, coords, indexing="ij")
         angles = torch.stack([xx, yy], dim=-1).reshape(-1, 2, 1) * (math.pi * 2.0 ** torch.arange(fourier_bands))
         self.register_buffer(
-            "fourier_features", torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1).t().contiguous(),
+            "fourier_features",
+            torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1).t().contiguous(),
             persistent=False,
         )  # (4 * bands, P*P)
         # ... through sin layers modulated by the token (SIREN-style)

@@ -157,8 +157,9 @@ class DomainImageTower(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, feature_dim); differentiable w.r.t. the pixels."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got shape {tuple(pixel_values.shape)}")
-        x = F.interpolate(pixel_values, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            pixel_values, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+        )
         feats = self.trunk(self.scaling_layer(x))
         pooled = [torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1) for f in feats]
         return torch.cat(pooled, dim=1)
@@ -190,8 +191,9 @@ class DomainCLIP(ModelMixin, ConfigMixin):
 
         text_config = dict(text_config)
         hf_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
-        self.text = HFTextEncoder(None, output_dim=embed_dim, config=hf_config, pooler_type="mean_pooler",
-                                  proj_type="linear")
+        self.text = HFTextEncoder(
+            None, output_dim=embed_dim, config=hf_config, pooler_type="mean_pooler", proj_type="linear"
+        )
         self.text.transformer.requires_grad_(False)
         # the same standardised MLP head as the image tower, in place of HFTextEncoder's bare projection
         self.text.proj = projection_head(hf_config.hidden_size, hidden_dim, embed_dim, dropout)
@@ -248,8 +250,10 @@ def build_domain_clip(text_encoder_name: str, clip_cfg, max_text_length: int = 3
 
     tokenizer, text_model = load_text_encoder(text_encoder_name)
     if text_model.config.model_type not in _hf_arches():
-        raise ValueError(f"text encoder '{text_encoder_name}' (model_type '{text_model.config.model_type}') is not a "
-                         f"family open_clip's HFTextEncoder supports: {sorted(_hf_arches())}")
+        raise ValueError(
+            f"text encoder '{text_encoder_name}' (model_type '{text_model.config.model_type}') is not a "
+            f"family open_clip's HFTextEncoder supports: {sorted(_hf_arches())}"
+        )
     model = DomainCLIP(
         text_config=_text_config_dict(text_model.config),
         embed_dim=clip_cfg.domain_embed_dim,
@@ -330,8 +334,9 @@ def _cache_backbone_features(model: DomainCLIP, tokenizer, loader, max_text_leng
         captions.extend(batch["text"])
     tokens = tokenize_captions(tokenizer, captions, max_text_length)  # once: one truncation warning
     text_feats = [
-        model.text_backbone_features(tokens["input_ids"][i:i + 64].to(device),
-                                     tokens["attention_mask"][i:i + 64].to(device)).cpu()
+        model.text_backbone_features(
+            tokens["input_ids"][i : i + 64].to(device), tokens["attention_mask"][i : i + 64].to(device)
+        ).cpu()
         for i in range(0, len(captions), 64)
     ]
     return torch.cat(image_feats), torch.cat(flip_feats) if flips else None, torch.cat(text_feats)
@@ -341,8 +346,9 @@ def _head_embeddings(model: DomainCLIP, image_feats, text_feats):
     return (F.normalize(model.visual.proj(image_feats), dim=-1), F.normalize(model.text.proj(text_feats), dim=-1))
 
 
-def fit_domain_clip(clip_cfg, data_cfg, text_encoder_name: str, output_dir=None, splits=None, device="cpu",
-                    seed: int = 0):
+def fit_domain_clip(
+    clip_cfg, data_cfg, text_encoder_name: str, output_dir=None, splits=None, device="cpu", seed: int = 0
+):
     """Fit a domain CLIP's heads on the train split; val retrieval in the returned metrics.
 
     Returns (model, tokenizer, metrics). Saved to ``output_dir`` when given. The frozen trunks run once
@@ -364,30 +370,35 @@ def fit_domain_clip(clip_cfg, data_cfg, text_encoder_name: str, output_dir=None,
     def loader(split):
         # no random augmentation: features are cached once
         ds = SpriteDataset(splits[split], data_cfg, train=False)
-        return torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, collate_fn=collate_sprites,
-                                           num_workers=data_cfg.num_workers)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=32, shuffle=False, collate_fn=collate_sprites, num_workers=data_cfg.num_workers
+        )
 
-    train_img, train_flip, train_txt = _cache_backbone_features(model, tokenizer, loader("train"),
-                                                                data_cfg.max_text_length, True, device)
-    val_img, _, val_txt = _cache_backbone_features(model, tokenizer, loader("val"), data_cfg.max_text_length,
-                                                   False, device)
+    train_img, train_flip, train_txt = _cache_backbone_features(
+        model, tokenizer, loader("train"), data_cfg.max_text_length, True, device
+    )
+    val_img, _, val_txt = _cache_backbone_features(
+        model, tokenizer, loader("val"), data_cfg.max_text_length, False, device
+    )
 
     model.fit_feature_stats(torch.cat([train_img, train_flip]), train_txt)
     model.train()
-    optimizer = torch.optim.AdamW(model.head_parameters(), lr=clip_cfg.domain_learning_rate,
-                                  weight_decay=clip_cfg.domain_weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.head_parameters(), lr=clip_cfg.domain_learning_rate, weight_decay=clip_cfg.domain_weight_decay
+    )
     loss_fn = ClipLoss()
     n = train_img.shape[0]
     batch_size = min(clip_cfg.domain_batch_size, n)
     steps_per_epoch = max(1, n // batch_size)
     total = clip_cfg.domain_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=clip_cfg.domain_learning_rate,
-                                                    total_steps=max(total, 2), pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=clip_cfg.domain_learning_rate, total_steps=max(total, 2), pct_start=0.1
+    )
     losses = []
     for _ in tqdm(range(clip_cfg.domain_epochs), desc="domain CLIP: fitting heads", leave=False):
         order = torch.randperm(n)
         for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             flip = torch.rand(len(idx)) < 0.5
             img = torch.where(flip[:, None], train_flip[idx], train_img[idx]).to(device)
             image_emb, text_emb = _head_embeddings(model, img, train_txt[idx].to(device))
@@ -404,19 +415,28 @@ def fit_domain_clip(clip_cfg, data_cfg, text_encoder_name: str, output_dir=None,
         val_image_emb, val_text_emb = _head_embeddings(model, val_img.to(device), val_txt.to(device))
         val_loss = loss_fn(val_image_emb, val_text_emb, model.logit_scale.exp()).item()
     metrics = retrieval_accuracy(val_image_emb.cpu(), val_text_emb.cpu())
-    metrics.update({
-        "split": "val",
-        "val_clip_loss": val_loss,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": float(sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:])) if losses else None,
-        "epochs": clip_cfg.domain_epochs,
-        "text_encoder": text_encoder_name,
-        "image_backbone": f"stlpips-{clip_cfg.domain_image_backbone}",
-    })
+    metrics.update(
+        {
+            "split": "val",
+            "val_clip_loss": val_loss,
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": float(sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]))
+            if losses
+            else None,
+            "epochs": clip_cfg.domain_epochs,
+            "text_encoder": text_encoder_name,
+            "image_backbone": f"stlpips-{clip_cfg.domain_image_backbone}",
+        }
+    )
     metrics["top1_over_chance"] = metrics["top1"] / metrics["chance_top1"]
-    logger.info("domain CLIP val retrieval (image->text among %d captions): top1 %.3f (chance %.3f), top5 %.3f "
-                "(chance %.3f)", metrics["n"], metrics["top1"], metrics["chance_top1"], metrics["top5"],
-                metrics["chance_top5"])
+    logger.info(
+        "domain CLIP val retrieval (image->text among %d captions): top1 %.3f (chance %.3f), top5 %.3f (chance %.3f)",
+        metrics["n"],
+        metrics["top1"],
+        metrics["chance_top1"],
+        metrics["top5"],
+        metrics["chance_top5"],
+    )
     if output_dir is not None:
         save_domain_clip(model, tokenizer, output_dir, metrics)
     return model, tokenizer, metrics
@@ -456,8 +476,10 @@ class ClipScorer(nn.Module):
         if images_0_1.dim() != 4 or images_0_1.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images_0_1.shape)}")
         if isinstance(texts, str) or len(texts) != images_0_1.shape[0]:
-            raise ValueError(f"need one text per image: {images_0_1.shape[0]} images, "
-                             f"{1 if isinstance(texts, str) else len(texts)} texts")
+            raise ValueError(
+                f"need one text per image: {images_0_1.shape[0]} images, "
+                f"{1 if isinstance(texts, str) else len(texts)} texts"
+            )
 
     def score(self, images_0_1: torch.Tensor, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """(N,) CLIP score = 100 x cosine(image, its text)."""
@@ -466,8 +488,8 @@ class ClipScorer(nn.Module):
         with torch.no_grad():
             txt = self.text_features(list(texts)).float()  # all at once: one truncation warning
             for i in range(0, len(texts), batch_size):
-                img = self.image_features(images_0_1[i:i + batch_size].to(self.device)).float()
-                out.append(100.0 * (img * txt[i:i + batch_size]).sum(dim=-1).cpu())
+                img = self.image_features(images_0_1[i : i + batch_size].to(self.device)).float()
+                out.append(100.0 * (img * txt[i : i + batch_size]).sum(dim=-1).cpu())
         return torch.cat(out)
 
     @property
@@ -558,6 +580,9 @@ def load_clip_scorer(model_dir=None, clip_cfg=None, device="cpu", source: str | 
     if found is not None:
         model, tokenizer, metrics = load_domain_clip(found, device)
         return DomainClipScorer(model, tokenizer, str(found), metrics).to(device)
-    reasons.append(f"no domain CLIP at {model_dir}/{DOMAIN_CLIP_DIRNAME} or {model_dir}" if model_dir
-                   else "no model_dir given to look for a domain CLIP in")
+    reasons.append(
+        f"no domain CLIP at {model_dir}/{DOMAIN_CLIP_DIRNAME} or {model_dir}"
+        if model_dir
+        else "no model_dir given to look for a domain CLIP in"
+    )
     raise ClipUnavailableError("no CLIP available for scoring: " + "; ".join(reasons))

@@ -20,7 +20,9 @@ def _packaged_path(name: str) -> str | None:
     try:
         module = __import__(module_name)
     except ImportError:
-        logger.info("%s is not installed (pip install %s); falling back to the hub for %s", module_name, dist_name, name)
+        logger.info(
+            "%s is not installed (pip install %s); falling back to the hub for %s", module_name, dist_name, name
+        )
         return None
     return str(module.get_model_path())
 

@@ -16,6 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
 # Keep `ModelMixin` a module-level name: diffusers finds the load method of a custom component by looking the
 # base classes up on the component's module. No pokediff imports here: saved pipelines carry this file as
 # vae/sprite_vae.py, which `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` runs on its own.

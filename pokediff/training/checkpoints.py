@@ -24,10 +24,10 @@ from pokediff.training.metrics import LossLogger
 logger = logging.getLogger(__name__)
 
 
-
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
 EMA_DIR_NAME = "ema"
+
 
 @dataclass
 class TrainingState:
@@ -211,11 +211,13 @@ class CheckpointManager:
             if isinstance(err, (CheckpointError, FileNotFoundError)):
                 raise
             lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
-            mismatch = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
-                            None)
+            mismatch = next(
+                (line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))), None
+            )
             if mismatch:
-                raise CheckpointError(f"cannot load checkpoint {path}: it was made with another model configuration "
-                                      f"({mismatch[:300]})") from err
+                raise CheckpointError(
+                    f"cannot load checkpoint {path}: it was made with another model configuration ({mismatch[:300]})"
+                ) from err
             raise CheckpointError(f"cannot load checkpoint {path}: {lines[0][:300]}") from err
         if self.loaded_state is None:
             raise FileNotFoundError(f"{path} is not a pokediff checkpoint: {TRAINING_STATE_NAME} is missing")
@@ -223,8 +225,15 @@ class CheckpointManager:
         return self.loaded_state
 
 
-def resume_or_start(accelerator, checkpoints: CheckpointManager, resume_from: Optional[Path], total_steps: int,
-                    guard: NonFiniteGuard, detector: GradExplosionDetector, losses: "LossLogger") -> TrainingState:
+def resume_or_start(
+    accelerator,
+    checkpoints: CheckpointManager,
+    resume_from: Optional[Path],
+    total_steps: int,
+    guard: NonFiniteGuard,
+    detector: GradExplosionDetector,
+    losses: "LossLogger",
+) -> TrainingState:
     """A fresh state, or the checkpoint's with the guard, detector and losses.csv brought back to its step."""
     stage = checkpoints.folder.name
     if resume_from is None:
@@ -244,8 +253,13 @@ def resume_or_start(accelerator, checkpoints: CheckpointManager, resume_from: Op
     return state
 
 
-def save_training_checkpoint(checkpoints: CheckpointManager, state: TrainingState, guard: NonFiniteGuard,
-                             detector: GradExplosionDetector, **extra) -> Path:
+def save_training_checkpoint(
+    checkpoints: CheckpointManager,
+    state: TrainingState,
+    guard: NonFiniteGuard,
+    detector: GradExplosionDetector,
+    **extra,
+) -> Path:
     """Checkpoint ``state`` with the guard and detector states (and any stage-specific ``extra`` values)."""
     state.extra = {"guard": guard.state_dict(), "detector": detector.state_dict(), **extra}
     return checkpoints.save(state)

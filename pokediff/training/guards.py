@@ -17,7 +17,6 @@ from pokediff.training.setup import parameters_of, unwrap
 logger = logging.getLogger(__name__)
 
 
-
 class NonFiniteLossError(PokediffError, RuntimeError):
     """Raised after ``runtime.nan_max_consecutive`` non-finite batches in a row."""
 
@@ -50,7 +49,11 @@ class NonFiniteGuard:
         self.consecutive += 1
         logger.warning(
             "%s step %d: non-finite %s, batch skipped (%d in a row, %d in total)",
-            self.stage, step, reason, self.consecutive, self.total_skipped,
+            self.stage,
+            step,
+            reason,
+            self.consecutive,
+            self.total_skipped,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
@@ -133,8 +136,17 @@ class OptimizerStepper:
     step count. Returns a dict of metrics at a sync point, else ``None``.
     """
 
-    def __init__(self, accelerator, model, optimizer, lr_scheduler, grad_clip: float, guard: NonFiniteGuard,
-                 detector: Optional[GradExplosionDetector], ema=None):
+    def __init__(
+        self,
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        grad_clip: float,
+        guard: NonFiniteGuard,
+        detector: Optional[GradExplosionDetector],
+        ema=None,
+    ):
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -164,8 +176,11 @@ class OptimizerStepper:
                 updated = False
             else:
                 if exploded:
-                    logger.warning("step %d: gradient norm %.3g far above its running median: clipped adaptively",
-                                   global_step, float(norm))
+                    logger.warning(
+                        "step %d: gradient norm %.3g far above its running median: clipped adaptively",
+                        global_step,
+                        float(norm),
+                    )
                 metrics["grad_explosion"] = float(exploded)
                 self.optimizer.step()
                 self.guard.ok()

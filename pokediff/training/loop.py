@@ -58,27 +58,45 @@ class StageTraining:
         return self.state.global_step >= self.total_steps
 
     def save_checkpoint(self) -> Path:
-        return save_training_checkpoint(self.checkpoints, self.state, self.stepper.guard, self.stepper.detector,
-                                        **self.checkpoint_extra)
+        return save_training_checkpoint(
+            self.checkpoints, self.state, self.stepper.guard, self.stepper.detector, **self.checkpoint_extra
+        )
 
     def log(self, values: dict, epoch: Optional[int] = None) -> None:
         """Values at the current step, to the trackers and losses.csv (``epoch`` defaults to the state's)."""
-        log_metrics(self.accelerator, self.losses, self.state.global_step,
-                    self.state.epoch if epoch is None else epoch, values)
+        log_metrics(
+            self.accelerator, self.losses, self.state.global_step, self.state.epoch if epoch is None else epoch, values
+        )
 
     def close(self) -> None:
         self.checkpoints.close()
         end_stage(self.accelerator)
 
 
-def start_training(accelerator: Accelerator, stage: str, model, optimizer, loader, checkpoints: CheckpointManager,
-                   resume_from: Optional[Path], losses_path, *, epochs: int, learning_rate: float,
-                   warmup_fraction: float, grad_clip: float, max_steps: Optional[int], nan_max_consecutive: int,
-                   grad_explosion_factor: float, ema=None) -> StageTraining:
+def start_training(
+    accelerator: Accelerator,
+    stage: str,
+    model,
+    optimizer,
+    loader,
+    checkpoints: CheckpointManager,
+    resume_from: Optional[Path],
+    losses_path,
+    *,
+    epochs: int,
+    learning_rate: float,
+    warmup_fraction: float,
+    grad_clip: float,
+    max_steps: Optional[int],
+    nan_max_consecutive: int,
+    grad_explosion_factor: float,
+    ema=None,
+) -> StageTraining:
     """The update schedule, guards and losses.csv for the prepared ``model`` / ``optimizer`` / ``loader``, at
     step 0 or at ``resume_from``'s position."""
-    updates_per_epoch, total_steps = optimizer_steps(len(loader), epochs, accelerator.gradient_accumulation_steps,
-                                                     max_steps)
+    updates_per_epoch, total_steps = optimizer_steps(
+        len(loader), epochs, accelerator.gradient_accumulation_steps, max_steps
+    )
     lr_scheduler = accelerator.prepare(
         one_cycle(optimizer, learning_rate, total_steps, warmup_fraction, accelerator.num_processes)
     )
@@ -88,20 +106,31 @@ def start_training(accelerator: Accelerator, stage: str, model, optimizer, loade
     stepper = OptimizerStepper(accelerator, model, optimizer, lr_scheduler, grad_clip, guard, detector, ema=ema)
     losses = LossLogger(losses_path, stage, enabled=accelerator.is_main_process)
     state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)
-    return StageTraining(accelerator, stage, model, loader, stepper, checkpoints, losses, state, total_steps,
-                         updates_per_epoch)
+    return StageTraining(
+        accelerator, stage, model, loader, stepper, checkpoints, losses, state, total_steps, updates_per_epoch
+    )
 
 
-def run_epochs(training: StageTraining, loss: StageLoss, *, epochs: int, seed: int, checkpoint_every_steps: int,
-               desc: str, end_of_epoch: Optional[Callable[[int, bool], None]] = None, autocast: bool = False) -> None:
+def run_epochs(
+    training: StageTraining,
+    loss: StageLoss,
+    *,
+    epochs: int,
+    seed: int,
+    checkpoint_every_steps: int,
+    desc: str,
+    end_of_epoch: Optional[Callable[[int, bool], None]] = None,
+    autocast: bool = False,
+) -> None:
     """Train from ``training.state`` to ``training.total_steps`` updates (or ``epochs`` epochs).
 
     ``end_of_epoch(epoch, finished)`` runs after each complete epoch and after the last update. ``autocast``
     wraps the loss in ``accelerator.autocast()`` (for frozen models that were not prepared).
     """
     acc, state, loader = training.accelerator, training.state, training.loader
-    progress = tqdm(total=training.total_steps, initial=state.global_step, desc=desc,
-                    disable=not acc.is_local_main_process)
+    progress = tqdm(
+        total=training.total_steps, initial=state.global_step, desc=desc, disable=not acc.is_local_main_process
+    )
     training.model.train()
     for epoch in range(state.epoch, epochs):
         if training.finished:

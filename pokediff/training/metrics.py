@@ -38,8 +38,10 @@ class LossLogger:
         if not self.enabled:
             return
         now = f"{time.time():.3f}"
-        self.csv.append({"time": now, "stage": self.stage, "epoch": epoch, "step": step, "metric": name,
-                         "value": float(value)} for name, value in values.items())
+        self.csv.append(
+            {"time": now, "stage": self.stage, "epoch": epoch, "step": step, "metric": name, "value": float(value)}
+            for name, value in values.items()
+        )
 
 
 def read_losses(path) -> list[dict]:

@@ -22,8 +22,9 @@ def count_parameters(model) -> tuple[int, int]:
 def _steps(cfg, stage_cfg, examples: int, num_processes: int) -> dict:
     # drop_last=True in every stage's loader: a partial batch is never a step
     batches = examples // stage_cfg.batch_size // num_processes
-    per_epoch, total = optimizer_steps(batches, stage_cfg.epochs, cfg.runtime.gradient_accumulation_steps,
-                                       cfg.runtime.max_steps)
+    per_epoch, total = optimizer_steps(
+        batches, stage_cfg.epochs, cfg.runtime.gradient_accumulation_steps, cfg.runtime.max_steps
+    )
     every = cfg.runtime.checkpoint_every_steps
     return {
         "epochs": stage_cfg.epochs if cfg.runtime.max_steps is None else math.ceil(total / per_epoch),
@@ -42,8 +43,9 @@ def _require_folder(path: Path, what: str, flag: str) -> None:
         raise FileNotFoundError(f"{what} not found at {path} (run that stage first or pass {flag})")
 
 
-def plan_run(cfg, stages: list[str], vae_path: Optional[Path] = None, unet_path: Optional[Path] = None,
-             num_processes: int = 1) -> dict:
+def plan_run(
+    cfg, stages: list[str], vae_path: Optional[Path] = None, unet_path: Optional[Path] = None, num_processes: int = 1
+) -> dict:
     """What ``train_3stage.py --stage ...`` would do with ``cfg``: data sizes, models and steps per stage.
 
     Raises the error a real run would hit before training (empty split, batch larger than the split, missing
@@ -56,8 +58,11 @@ def plan_run(cfg, stages: list[str], vae_path: Optional[Path] = None, unet_path:
 
     splits = load_splits(cfg.data, require=("train", "val"))
     n_train = len(splits["train"])
-    plan: dict = {"data": {name: len(split) for name, split in splits.items()}, "num_processes": num_processes,
-                  "stages": {}}
+    plan: dict = {
+        "data": {name: len(split) for name, split in splits.items()},
+        "num_processes": num_processes,
+        "stages": {},
+    }
     if "2" in stages and "1" not in stages and vae_path is not None:
         _require_folder(vae_path, "the stage-1 VAE", "--vae-checkpoint")
     if "3" in stages and "2" not in stages and unet_path is not None:
@@ -75,37 +80,51 @@ def plan_run(cfg, stages: list[str], vae_path: Optional[Path] = None, unet_path:
         plan["stages"]["1"] = entry
     cached = n_train * (2 if cfg.stage2.cache_flips else 1)  # stages 2-3 train on cached latents (+ mirrors)
     if "2" in stages:
-        unet = build_unet(cfg.unet, cfg.vae.latent_channels, vae.latent_size(cfg.data.resolution),
-                          text_encoder.config.hidden_size)
-        plan["stages"]["2"] = {"models": {"unet": count_parameters(unet)},
-                               **_steps(cfg, cfg.stage2, cached, num_processes)}
+        unet = build_unet(
+            cfg.unet, cfg.vae.latent_channels, vae.latent_size(cfg.data.resolution), text_encoder.config.hidden_size
+        )
+        plan["stages"]["2"] = {
+            "models": {"unet": count_parameters(unet)},
+            **_steps(cfg, cfg.stage2, cached, num_processes),
+        }
     if "3" in stages:
         if getattr(text_encoder, "pooler", None) is not None:
             text_encoder.pooler.requires_grad_(False)  # as stage 3 does: the pooled output is never used
-        plan["stages"]["3"] = {"models": {"text_encoder": count_parameters(text_encoder)},
-                               "clip_source": cfg.clip.source, "gate_samples": cfg.stage3.gate_samples,
-                               **_steps(cfg, cfg.stage3, cached, num_processes)}
+        plan["stages"]["3"] = {
+            "models": {"text_encoder": count_parameters(text_encoder)},
+            "clip_source": cfg.clip.source,
+            "gate_samples": cfg.stage3.gate_samples,
+            **_steps(cfg, cfg.stage3, cached, num_processes),
+        }
     return plan
 
 
 def format_plan(plan: dict) -> str:
     names = {"1": "stage 1 (VAE)", "2": "stage 2 (U-Net)", "3": "stage 3 (text encoder)"}
     data = plan["data"]
-    lines = [f"data: train {data['train']}, val {data['val']}, test {data['test']} rows; "
-             f"{plan['num_processes']} process(es)"]
+    lines = [
+        f"data: train {data['train']}, val {data['val']}, test {data['test']} rows; {plan['num_processes']} process(es)"
+    ]
     for stage, entry in plan["stages"].items():
         lines.append(f"{names[stage]}:")
         for model, (total, trainable) in entry["models"].items():
             lines.append(f"  {model}: {total:,} parameters ({trainable:,} trainable)")
-        lines.append(f"  {entry['epochs']} epochs x {entry['steps_per_epoch']} steps per epoch = "
-                     f"{entry['total_steps']} optimizer steps, batch size {entry['batch_size']} "
-                     f"({entry['examples']} training examples)")
-        lines.append(f"  checkpoint every {entry['checkpoint_every_steps']} steps and at the end: "
-                     f"{entry['checkpoints_written']} written, newest {entry['checkpoints_kept']} kept")
+        lines.append(
+            f"  {entry['epochs']} epochs x {entry['steps_per_epoch']} steps per epoch = "
+            f"{entry['total_steps']} optimizer steps, batch size {entry['batch_size']} "
+            f"({entry['examples']} training examples)"
+        )
+        lines.append(
+            f"  checkpoint every {entry['checkpoint_every_steps']} steps and at the end: "
+            f"{entry['checkpoints_written']} written, newest {entry['checkpoints_kept']} kept"
+        )
         if "clip_source" in entry:
             lines.append(f"  CLIP: clip.source={entry['clip_source']} (offline: a domain CLIP is fitted first)")
             gate = entry["gate_samples"]
-            lines.append(f"  gate: kept only if colour agreement on {gate} training captions beats stage 2's text "
-                         f"encoder" if gate else "  gate: off (stage3.gate_samples=0): stage 3 is kept unjudged")
+            lines.append(
+                f"  gate: kept only if colour agreement on {gate} training captions beats stage 2's text encoder"
+                if gate
+                else "  gate: off (stage3.gate_samples=0): stage 3 is kept unjudged"
+            )
     lines.append("dry run: nothing trained, nothing written")
     return "\n".join(lines)

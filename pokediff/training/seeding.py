@@ -9,7 +9,6 @@ import torch
 from accelerate import Accelerator
 
 
-
 def seed_step(seed: int, step: int, process_index: int = 0, stream: str = "") -> int:
     """Seed torch's global RNG from (seed, step, process): noise, timesteps and dropout of a step do not
     depend on what ran before it, so a resumed run repeats an uninterrupted one bit for bit."""

@@ -18,7 +18,6 @@ from pokediff.errors import write_failure
 logger = logging.getLogger(__name__)
 
 
-
 def run_dir(cfg) -> Path:
     """``<runtime.output_dir>/<runtime.experiment_name>``."""
     return Path(cfg.runtime.output_dir).expanduser() / cfg.runtime.experiment_name
@@ -138,8 +137,11 @@ def one_cycle(optimizer, learning_rate: float, total_steps: int, warmup_fraction
     if warmup_fraction * scheduler_steps < 2:
         # OneCycleLR divides by the warm-up length in steps minus one (ZeroDivisionError at exactly one step);
         # a run this short (--max-steps) has no room for a warm-up: start at the peak and anneal.
-        logger.warning("only %d steps: too few for a warm-up of %.0f%%, the learning rate starts at its peak",
-                       total_steps, 100 * warmup_fraction)
+        logger.warning(
+            "only %d steps: too few for a warm-up of %.0f%%, the learning rate starts at its peak",
+            total_steps,
+            100 * warmup_fraction,
+        )
         warmup_fraction = 0.5 / scheduler_steps
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,

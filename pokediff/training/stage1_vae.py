@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pokediff.errors import NoUsableWeightsError
 from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
+from pokediff.errors import NoUsableWeightsError
+from pokediff.images import save_image_grid
 from pokediff.models.perceptual import load_perceptual
 from pokediff.models.vae import SpriteVAE, build_vae
-from pokediff.images import save_image_grid
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
 from pokediff.training.loop import run_epochs, start_training
 from pokediff.training.metrics import log_image_grid
@@ -57,8 +57,9 @@ class VAETrainingModule(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, pixel_values, sample_posterior: bool = True, encoder_hidden_states=None,
-                encoder_attention_mask=None):
+    def forward(
+        self, pixel_values, sample_posterior: bool = True, encoder_hidden_states=None, encoder_attention_mask=None
+    ):
         posterior = self.vae.encode(pixel_values).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mode()
         recon = self.vae.decode(
@@ -88,12 +89,23 @@ class _TextConditioner:
             return {}
         tokens = tokenize_captions(self.tokenizer, list(captions), self.max_length)
         ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        return {"encoder_hidden_states": self.encoder(ids, attention_mask=mask).last_hidden_state,
-                "encoder_attention_mask": mask}
+        return {
+            "encoder_hidden_states": self.encoder(ids, attention_mask=mask).last_hidden_state,
+            "encoder_attention_mask": mask,
+        }
 
 
-def _vae_losses(module, batch, perceptual, text, kl_weight: float, sample_posterior: bool, l1_weight: float,
-                perceptual_weight: float, free_bits: float):
+def _vae_losses(
+    module,
+    batch,
+    perceptual,
+    text,
+    kl_weight: float,
+    sample_posterior: bool,
+    l1_weight: float,
+    perceptual_weight: float,
+    free_bits: float,
+):
     """(loss, its logged parts, reconstruction) of one batch."""
     pixels = batch["pixel_values"]
     recon, mean, logvar = module(pixels, sample_posterior=sample_posterior, **text(batch["text"]))
@@ -108,8 +120,19 @@ def _vae_losses(module, batch, perceptual, text, kl_weight: float, sample_poster
 class VAELoss:
     """Stage 1's training loss: L1 + perceptual + KL with free bits, the KL weight annealed by step."""
 
-    def __init__(self, module, perceptual, text, *, l1_weight: float, perceptual_weight: float, kl_weight: float,
-                 kl_anneal_epochs: float, free_bits: float, updates_per_epoch: int):
+    def __init__(
+        self,
+        module,
+        perceptual,
+        text,
+        *,
+        l1_weight: float,
+        perceptual_weight: float,
+        kl_weight: float,
+        kl_anneal_epochs: float,
+        free_bits: float,
+        updates_per_epoch: int,
+    ):
         self.module, self.perceptual, self.text = module, perceptual, text
         self.l1_weight, self.perceptual_weight, self.free_bits = l1_weight, perceptual_weight, free_bits
         self.kl_weight, self.kl_anneal_epochs = kl_weight, kl_anneal_epochs
@@ -118,14 +141,33 @@ class VAELoss:
     def __call__(self, batch, step: int):
         kl_weight = kl_weight_at(step, self.updates_per_epoch, self.kl_weight, self.kl_anneal_epochs)
         # positional: tests wrap _vae_losses as (module, batch, *args)
-        loss, parts, _ = _vae_losses(self.module, batch, self.perceptual, self.text, kl_weight, True,
-                                     self.l1_weight, self.perceptual_weight, self.free_bits)
+        loss, parts, _ = _vae_losses(
+            self.module,
+            batch,
+            self.perceptual,
+            self.text,
+            kl_weight,
+            True,
+            self.l1_weight,
+            self.perceptual_weight,
+            self.free_bits,
+        )
         return loss, {**parts, "kl_weight": kl_weight}
 
 
 @torch.no_grad()
-def evaluate_vae(accelerator, module, loader, perceptual, text, *, l1_weight: float, perceptual_weight: float,
-                 kl_weight: float, free_bits: float) -> float:
+def evaluate_vae(
+    accelerator,
+    module,
+    loader,
+    perceptual,
+    text,
+    *,
+    l1_weight: float,
+    perceptual_weight: float,
+    kl_weight: float,
+    free_bits: float,
+) -> float:
     """Mean per-image val loss: posterior mode and the final KL weight, so epochs compare while annealing."""
     module.eval()
     per_image = []
@@ -206,23 +248,50 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     training = start_training(
-        accelerator, STAGE, module, optimizer, train_loader, checkpoints, checkpoints.resolve(resume),
-        folder / "losses.csv", epochs=s1.epochs, learning_rate=s1.learning_rate, warmup_fraction=s1.warmup_fraction,
-        grad_clip=s1.grad_clip, max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
+        accelerator,
+        STAGE,
+        module,
+        optimizer,
+        train_loader,
+        checkpoints,
+        checkpoints.resolve(resume),
+        folder / "losses.csv",
+        epochs=s1.epochs,
+        learning_rate=s1.learning_rate,
+        warmup_fraction=s1.warmup_fraction,
+        grad_clip=s1.grad_clip,
+        max_steps=rt.max_steps,
+        nan_max_consecutive=rt.nan_max_consecutive,
         grad_explosion_factor=rt.grad_explosion_factor,
     )
     state = training.state
-    loss = VAELoss(module, perceptual, text, l1_weight=s1.l1_weight, perceptual_weight=s1.perceptual_weight,
-                   kl_weight=s1.kl_weight, kl_anneal_epochs=s1.kl_anneal_epochs, free_bits=s1.free_bits,
-                   updates_per_epoch=training.updates_per_epoch)
+    loss = VAELoss(
+        module,
+        perceptual,
+        text,
+        l1_weight=s1.l1_weight,
+        perceptual_weight=s1.perceptual_weight,
+        kl_weight=s1.kl_weight,
+        kl_anneal_epochs=s1.kl_anneal_epochs,
+        free_bits=s1.free_bits,
+        updates_per_epoch=training.updates_per_epoch,
+    )
 
     fixed = next(iter(build_dataloader(cfg.data, "val", s1.num_sample_images, shuffle=False, dataset=splits["val"])))
     fixed_images = fixed["pixel_values"].to(accelerator.device)
 
     def validate_and_keep_best():
-        val_loss = evaluate_vae(accelerator, module, val_loader, perceptual, text, l1_weight=s1.l1_weight,
-                                perceptual_weight=s1.perceptual_weight, kl_weight=s1.kl_weight,
-                                free_bits=s1.free_bits)
+        val_loss = evaluate_vae(
+            accelerator,
+            module,
+            val_loader,
+            perceptual,
+            text,
+            l1_weight=s1.l1_weight,
+            perceptual_weight=s1.perceptual_weight,
+            kl_weight=s1.kl_weight,
+            free_bits=s1.free_bits,
+        )
         training.log({"val_loss": val_loss})
         if val_loss < state.best_val_loss:
             state.best_val_loss = val_loss
@@ -233,12 +302,25 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     def end_of_epoch(epoch: int, finished: bool):
         validate_and_keep_best()
         if accelerator.is_main_process and (finished or (epoch + 1) % rt.sample_every_epochs == 0):
-            grid = save_reconstruction_grid(accelerator, module, fixed_images, fixed["text"], text,
-                                            folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
+            grid = save_reconstruction_grid(
+                accelerator,
+                module,
+                fixed_images,
+                fixed["text"],
+                text,
+                folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png",
+            )
             log_image_grid(accelerator, "reconstructions", grid, state.global_step)
 
-    run_epochs(training, loss, epochs=s1.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
-               desc="stage 1 (VAE)", end_of_epoch=end_of_epoch)
+    run_epochs(
+        training,
+        loss,
+        epochs=s1.epochs,
+        seed=rt.seed,
+        checkpoint_every_steps=rt.checkpoint_every_steps,
+        desc="stage 1 (VAE)",
+        end_of_epoch=end_of_epoch,
+    )
     if not vae_dir.is_dir():  # resumed from a final checkpoint whose best weights were lost
         validate_and_keep_best()
     if not vae_dir.is_dir():
@@ -251,8 +333,9 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
     # The scaling factor is a property of the best weights, computed once on clean (un-augmented) train images.
     if accelerator.is_main_process:
         best = SpriteVAE.from_pretrained(str(vae_dir)).to(accelerator.device).eval()
-        clean = DataLoader(SpriteDataset(splits["train"], cfg.data, train=False), batch_size=s1.batch_size,
-                           collate_fn=collate_sprites)
+        clean = DataLoader(
+            SpriteDataset(splits["train"], cfg.data, train=False), batch_size=s1.batch_size, collate_fn=collate_sprites
+        )
         channel_mean, channel_std, overall_std = latent_statistics(best, clean, accelerator.device, rt.seed)
         factor = 1.0 / overall_std
         if s1.per_channel_latent_norm:

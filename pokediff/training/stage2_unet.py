@@ -21,13 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pokediff.config import ConfigError
-from pokediff.errors import NoUsableWeightsError
-from pokediff.images import save_image_grid
 from pokediff.data import SpriteDataset, collate_sprites, load_splits, tokenize_captions
+from pokediff.errors import NoUsableWeightsError
+from pokediff.hub import write_model_card
+from pokediff.images import save_image_grid
 from pokediff.models.text import load_text_encoder
 from pokediff.models.unet import build_unet
 from pokediff.models.vae import SpriteVAE
-from pokediff.hub import write_model_card
 from pokediff.pipeline import PokeSpritePipeline
 from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
@@ -90,9 +90,18 @@ def encode_texts(tokenizer, text_encoder, captions: list[str], max_length: int, 
 
 
 @torch.no_grad()
-def build_cache(vae, tokenizer, text_encoder, dataset: SpriteDataset, max_length: int, device,
-                flips: bool, batch_size: int = 32, desc: str = "caching latents", variants: bool = False
-                ) -> LatentTextCache:
+def build_cache(
+    vae,
+    tokenizer,
+    text_encoder,
+    dataset: SpriteDataset,
+    max_length: int,
+    device,
+    flips: bool,
+    batch_size: int = 32,
+    desc: str = "caching latents",
+    variants: bool = False,
+) -> LatentTextCache:
     """Encode ``dataset`` (un-augmented) once with the frozen VAE and text encoder; with ``variants``, every
     caption variant of each sprite (``data.caption_variants``), else its dataset caption only."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_sprites)
@@ -122,21 +131,35 @@ def log_latent_range(cache: LatentTextCache, scale, clamp: float) -> float:
     scaled = scale(cache.mean)
     per_channel = scaled.transpose(0, 1).flatten(1)
     clamped = float((scaled.abs() > clamp).float().mean())
-    logger.info("scaled train latents: channel means %s, stds %s; latent_clamp=%g cuts %.3f%% of elements",
-                [round(float(v), 2) for v in per_channel.mean(1)], [round(float(v), 2) for v in per_channel.std(1)],
-                clamp, 100 * clamped)
+    logger.info(
+        "scaled train latents: channel means %s, stds %s; latent_clamp=%g cuts %.3f%% of elements",
+        [round(float(v), 2) for v in per_channel.mean(1)],
+        [round(float(v), 2) for v in per_channel.std(1)],
+        clamp,
+        100 * clamped,
+    )
     return clamped
 
 
-def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, huber_delta: float,
-                   min_snr_gamma: Optional[float], noise=None, timesteps=None):
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    latents,
+    embeddings,
+    masks,
+    huber_delta: float,
+    min_snr_gamma: Optional[float],
+    noise=None,
+    timesteps=None,
+):
     """Huber loss (``huber_delta``) on the epsilon / v target at uniform timesteps, Min-SNR weighted when
     ``min_snr_gamma`` is set (per sample mean)."""
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -158,8 +181,18 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, huber_delt
 
 
 @torch.no_grad()
-def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scale, *, latent_clamp: float,
-                    huber_delta: float, min_snr_gamma: Optional[float], seed: int, batch_size: int) -> float:
+def validation_loss(
+    unet,
+    noise_scheduler,
+    cache: LatentTextCache,
+    scale,
+    *,
+    latent_clamp: float,
+    huber_delta: float,
+    min_snr_gamma: Optional[float],
+    seed: int,
+    batch_size: int,
+) -> float:
     """Denoising loss on the val posterior means with fixed noise and timesteps (comparable across epochs)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     total, count = 0.0, 0
@@ -167,11 +200,13 @@ def validation_loss(unet, noise_scheduler, cache: LatentTextCache, scale, *, lat
         index = torch.arange(start, min(start + batch_size, len(cache)), device=cache.mean.device)
         latents = scale(cache.mean[index]).clamp(-latent_clamp, latent_clamp)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
-                                  generator=generator).to(latents.device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator).to(
+            latents.device
+        )
         embeddings, masks = cache.text(index)
-        loss = diffusion_loss(unet, noise_scheduler, latents, embeddings, masks, huber_delta, min_snr_gamma,
-                              noise, timesteps)
+        loss = diffusion_loss(
+            unet, noise_scheduler, latents, embeddings, masks, huber_delta, min_snr_gamma, noise, timesteps
+        )
         total += float(loss) * len(index)
         count += len(index)
     return total / max(count, 1)
@@ -195,8 +230,19 @@ class DiffusionLoss:
     """Stage 2's training loss on a batch of cache indices: a fresh posterior sample of each latent (scaled and
     clamped), one caption variant each, caption dropout to the "" embedding, then ``diffusion_loss``."""
 
-    def __init__(self, unet, noise_scheduler, cache: LatentTextCache, scale, *, latent_clamp: float,
-                 caption_dropout: float, huber_delta: float, min_snr_gamma: Optional[float], device):
+    def __init__(
+        self,
+        unet,
+        noise_scheduler,
+        cache: LatentTextCache,
+        scale,
+        *,
+        latent_clamp: float,
+        caption_dropout: float,
+        huber_delta: float,
+        min_snr_gamma: Optional[float],
+        device,
+    ):
         self.unet, self.noise_scheduler, self.cache, self.scale = unet, noise_scheduler, cache, scale
         self.latent_clamp, self.caption_dropout = latent_clamp, caption_dropout
         self.huber_delta, self.min_snr_gamma = huber_delta, min_snr_gamma
@@ -211,14 +257,22 @@ class DiffusionLoss:
         drop = torch.rand(index.shape[0], device=self.device) < self.caption_dropout
         embeddings = torch.where(drop[:, None, None], cache.null_embedding, embeddings)
         masks = torch.where(drop[:, None], cache.null_mask, masks)
-        loss = diffusion_loss(self.unet, self.noise_scheduler, latents, embeddings, masks, self.huber_delta,
-                              self.min_snr_gamma)
+        loss = diffusion_loss(
+            self.unet, self.noise_scheduler, latents, embeddings, masks, self.huber_delta, self.min_snr_gamma
+        )
         return loss, {}
 
 
 @torch.no_grad()
-def sample_grid(pipe: PokeSpritePipeline, path, prompts, images_per_prompt: int, seed: int,
-                num_inference_steps: int, guidance_scale: float) -> Path:
+def sample_grid(
+    pipe: PokeSpritePipeline,
+    path,
+    prompts,
+    images_per_prompt: int,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> Path:
     """Fixed prompts x fixed noise (generator ``seed + i`` for image ``i``) -> a grid, one row per prompt."""
     prompts = list(prompts)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts) * images_per_prompt)]
@@ -235,8 +289,15 @@ def sample_grid(pipe: PokeSpritePipeline, path, prompts, images_per_prompt: int,
 
 def stage2_sample_grid(cfg, pipe: PokeSpritePipeline, path) -> Path:
     """``sample_grid`` of ``stage2.sample_prompts`` with the run's seed and sampler settings."""
-    return sample_grid(pipe, path, cfg.stage2.sample_prompts, cfg.stage2.sample_images_per_prompt, cfg.runtime.seed,
-                       cfg.scheduler.num_inference_steps, cfg.scheduler.guidance_scale)
+    return sample_grid(
+        pipe,
+        path,
+        cfg.stage2.sample_prompts,
+        cfg.stage2.sample_images_per_prompt,
+        cfg.runtime.seed,
+        cfg.scheduler.num_inference_steps,
+        cfg.scheduler.guidance_scale,
+    )
 
 
 def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) -> Path:
@@ -269,10 +330,26 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     text_encoder.requires_grad_(False).eval().to(device)
 
     splits = load_splits(cfg.data, require=("train", "val"))
-    train_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["train"], cfg.data, train=False),
-                              cfg.data.max_text_length, device, flips=s2.cache_flips, variants=True)
-    val_cache = build_cache(vae, tokenizer, text_encoder, SpriteDataset(splits["val"], cfg.data, train=False),
-                            cfg.data.max_text_length, device, flips=False, desc="caching val latents")
+    train_cache = build_cache(
+        vae,
+        tokenizer,
+        text_encoder,
+        SpriteDataset(splits["train"], cfg.data, train=False),
+        cfg.data.max_text_length,
+        device,
+        flips=s2.cache_flips,
+        variants=True,
+    )
+    val_cache = build_cache(
+        vae,
+        tokenizer,
+        text_encoder,
+        SpriteDataset(splits["val"], cfg.data, train=False),
+        cfg.data.max_text_length,
+        device,
+        flips=False,
+        desc="caching val latents",
+    )
 
     log_latent_range(train_cache, scale, s2.latent_clamp)
     latent_size = train_cache.mean.shape[-1]
@@ -287,18 +364,43 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=s2.learning_rate, weight_decay=s2.weight_decay)
     unet = maybe_compile(unet, rt.compile)
     unet, optimizer, train_loader = accelerator.prepare(unet, optimizer, train_loader)
-    checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit,
-                                    ema=ema, ema_model_cls=UNet2DConditionModel)
+    checkpoints = CheckpointManager(
+        accelerator,
+        folder / "checkpoints" / STAGE,
+        rt.checkpoints_total_limit,
+        ema=ema,
+        ema_model_cls=UNet2DConditionModel,
+    )
     training = start_training(
-        accelerator, STAGE, unet, optimizer, train_loader, checkpoints, checkpoints.resolve(resume),
-        folder / "losses.csv", epochs=s2.epochs, learning_rate=s2.learning_rate, warmup_fraction=s2.warmup_fraction,
-        grad_clip=s2.grad_clip, max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
-        grad_explosion_factor=rt.grad_explosion_factor, ema=ema,
+        accelerator,
+        STAGE,
+        unet,
+        optimizer,
+        train_loader,
+        checkpoints,
+        checkpoints.resolve(resume),
+        folder / "losses.csv",
+        epochs=s2.epochs,
+        learning_rate=s2.learning_rate,
+        warmup_fraction=s2.warmup_fraction,
+        grad_clip=s2.grad_clip,
+        max_steps=rt.max_steps,
+        nan_max_consecutive=rt.nan_max_consecutive,
+        grad_explosion_factor=rt.grad_explosion_factor,
+        ema=ema,
     )
     state = training.state
-    loss = DiffusionLoss(unet, noise_scheduler, train_cache, scale, latent_clamp=s2.latent_clamp,
-                         caption_dropout=cfg.data.caption_dropout, huber_delta=s2.huber_delta,
-                         min_snr_gamma=s2.min_snr_gamma, device=device)
+    loss = DiffusionLoss(
+        unet,
+        noise_scheduler,
+        train_cache,
+        scale,
+        latent_clamp=s2.latent_clamp,
+        caption_dropout=cfg.data.caption_dropout,
+        huber_delta=s2.huber_delta,
+        min_snr_gamma=s2.min_snr_gamma,
+        device=device,
+    )
 
     def evaluate_with_ema(epoch: int, finished: bool):
         """Val loss (and sample grid) with the EMA weights, on the main process; best EMA -> unet_best/."""
@@ -309,9 +411,17 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             model.eval()
             try:
                 with accelerator.autocast():
-                    val_loss = validation_loss(model, noise_scheduler, val_cache, scale, latent_clamp=s2.latent_clamp,
-                                               huber_delta=s2.huber_delta, min_snr_gamma=s2.min_snr_gamma,
-                                               seed=rt.seed, batch_size=s2.batch_size)
+                    val_loss = validation_loss(
+                        model,
+                        noise_scheduler,
+                        val_cache,
+                        scale,
+                        latent_clamp=s2.latent_clamp,
+                        huber_delta=s2.huber_delta,
+                        min_snr_gamma=s2.min_snr_gamma,
+                        seed=rt.seed,
+                        batch_size=s2.batch_size,
+                    )
                 training.log({"val_loss": val_loss}, epoch)
                 if val_loss < state.best_val_loss:
                     state.best_val_loss = val_loss
@@ -328,8 +438,15 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             state.best_val_loss = float(broadcast(torch.tensor([state.best_val_loss], device=device), from_process=0))
         accelerator.wait_for_everyone()
 
-    run_epochs(training, loss, epochs=s2.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
-               desc="stage 2 (U-Net)", end_of_epoch=evaluate_with_ema)
+    run_epochs(
+        training,
+        loss,
+        epochs=s2.epochs,
+        seed=rt.seed,
+        checkpoint_every_steps=rt.checkpoint_every_steps,
+        desc="stage 2 (U-Net)",
+        end_of_epoch=evaluate_with_ema,
+    )
     if not math.isfinite(state.best_val_loss):
         raise NoUsableWeightsError(
             f"stage 2 ended without usable weights: every validation loss was NaN/inf, so {folder / 'unet'} was "
@@ -353,9 +470,13 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         )
         pipe.save_pretrained(folder / "pipeline")
         write_model_card(
-            folder / "pipeline", stages={2: state.global_step},
-            extra={"run": cfg.runtime.experiment_name, "stage 2 steps": state.global_step,
-                   "stage 2 best val loss": round(state.best_val_loss, 5)},
+            folder / "pipeline",
+            stages={2: state.global_step},
+            extra={
+                "run": cfg.runtime.experiment_name,
+                "stage 2 steps": state.global_step,
+                "stage 2 best val loss": round(state.best_val_loss, 5),
+            },
         )
         logger.info("stage 2 done: %d steps -> %s, pipeline -> %s", state.global_step, unet_dir, folder / "pipeline")
     training.close()

@@ -45,7 +45,7 @@ def colour_agreement(pipe, prompts: list[str], targets: list[str], seed: int, ba
     background = list(pipe.config.background)
     predicted = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
         images = pipe(chunk, generator=generators, output_type="pt").images.float().cpu()
         predicted.extend(dominant_color(image, background) for image in images)
@@ -61,9 +61,9 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     """Judge ``<run>/pipeline`` (stage 3's text encoder) against the pretrained text encoder; put the pretrained
     one back when stage 3 does not win. Records the verdict in ``<run>/stage3_metrics.json``; returns it."""
     from pokediff.data import load_splits
+    from pokediff.hub import recorded_facts, write_model_card
     from pokediff.models.text import load_text_encoder
     from pokediff.pipeline import PokeSpritePipeline
-    from pokediff.hub import recorded_facts, write_model_card
     from pokediff.training.checkpoints import atomic_save_pretrained
     from pokediff.training.stage3_text import METRICS_FILE
 
@@ -71,8 +71,7 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     pipeline_dir = run / "pipeline"
     train = load_splits(cfg.data, require=("train",))["train"]
     records = train.remove_columns(cfg.data.image_column)
-    prompts, targets = judge_prompts(records.to_list(), [str(c) for c in records[cfg.data.caption_column]],
-                                     num, seed)
+    prompts, targets = judge_prompts(records.to_list(), [str(c) for c in records[cfg.data.caption_column]], num, seed)
     if not prompts:
         verdict = {"kept": "stage3", "reason": "no training caption names a colour: nothing to judge with"}
     else:
@@ -86,8 +85,10 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         kept = decide(stage2_score, stage3_score)
         verdict = {
             "judge": f"colour agreement on {len(prompts)} training captions that name a colour "
-                     "(dominant sample colour = named colour), same seeds for both",
-            "stage2_text_encoder": stage2_score, "stage3_text_encoder": stage3_score, "kept": kept,
+            "(dominant sample colour = named colour), same seeds for both",
+            "stage2_text_encoder": stage2_score,
+            "stage3_text_encoder": stage3_score,
+            "kept": kept,
         }
         if kept == "stage2":
             atomic_save_pretrained(pretrained, pipeline_dir / "text_encoder")
@@ -97,9 +98,13 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     report[GATE_KEY] = verdict
     write_text_atomic(metrics_path, json.dumps(report, indent=2))
     if "stage3_text_encoder" in verdict:
-        logger.info("stage 3 gate: colour agreement %.3f with stage 2's text encoder, %.3f with stage 3's -> "
-                    "the pipeline keeps %s's", verdict["stage2_text_encoder"], verdict["stage3_text_encoder"],
-                    verdict["kept"].replace("stage", "stage "))
+        logger.info(
+            "stage 3 gate: colour agreement %.3f with stage 2's text encoder, %.3f with stage 3's -> "
+            "the pipeline keeps %s's",
+            verdict["stage2_text_encoder"],
+            verdict["stage3_text_encoder"],
+            verdict["kept"].replace("stage", "stage "),
+        )
     else:
         logger.info("stage 3 gate: %s", verdict["reason"])
     return verdict
@@ -112,9 +117,18 @@ def _record_on_card(pipeline_dir: Path, verdict: dict, recorded_facts, write_mod
     stages = {int(k): v for k, v in (facts.get("stages") or {}).items()}
     if verdict["kept"] == "stage2":
         stages.pop(3, None)
-    line = (f"colour agreement {verdict['stage2_text_encoder']:.3f} with the pretrained text encoder, "
-            f"{verdict['stage3_text_encoder']:.3f} with stage 3's: " +
-            ("stage 3's text encoder is kept" if verdict["kept"] == "stage3"
-             else "stage 3 ran but did not help, so this pipeline keeps the pretrained text encoder"))
-    write_model_card(pipeline_dir, stages=stages if facts.get("stages") is not None else None,
-                     metrics=facts.get("metrics"), extra={**(facts.get("extra") or {}), "stage 3 gate": line})
+    line = (
+        f"colour agreement {verdict['stage2_text_encoder']:.3f} with the pretrained text encoder, "
+        f"{verdict['stage3_text_encoder']:.3f} with stage 3's: "
+        + (
+            "stage 3's text encoder is kept"
+            if verdict["kept"] == "stage3"
+            else "stage 3 ran but did not help, so this pipeline keeps the pretrained text encoder"
+        )
+    )
+    write_model_card(
+        pipeline_dir,
+        stages=stages if facts.get("stages") is not None else None,
+        metrics=facts.get("metrics"),
+        extra={**(facts.get("extra") or {}), "stage 3 gate": line},
+    )

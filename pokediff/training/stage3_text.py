@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel
 
 from pokediff.config import ConfigError
+from pokediff.data import SpriteDataset, load_splits, tokenize_captions
 from pokediff.errors import NoUsableWeightsError
 from pokediff.fileio import atomic_write, write_text_atomic
-from pokediff.data import SpriteDataset, load_splits, tokenize_captions
+from pokediff.hub import write_model_card
 from pokediff.models.clip import (
     DOMAIN_CLIP_DIRNAME,
     ClipScorer,
@@ -39,7 +40,6 @@ from pokediff.models.clip import (
 )
 from pokediff.models.text import load_text_encoder
 from pokediff.models.vae import SpriteVAE
-from pokediff.hub import write_model_card
 from pokediff.schedulers import build_noise_scheduler
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
 from pokediff.training.loop import run_epochs, start_training
@@ -69,8 +69,10 @@ def check_stage_weights(path, what: str, flag: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"stage 3 needs the {what}, but {path} does not exist (run that stage or pass {flag})")
     if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"stage 3 needs the {what}, but {path} has no config.json + *.safetensors "
-                                f"(a diffusers save_pretrained folder; pass {flag})")
+        raise FileNotFoundError(
+            f"stage 3 needs the {what}, but {path} has no config.json + *.safetensors "
+            f"(a diffusers save_pretrained folder; pass {flag})"
+        )
     return path
 
 
@@ -89,9 +91,11 @@ def predict_x0(noise_scheduler, noisy: torch.Tensor, model_output: torch.Tensor,
 def decode(vae, latents_scaled, embeds=None, mask=None) -> torch.Tensor:
     """Scaled latents -> images in [0, 1], differentiable (the pipeline's decode_latents without no_grad)."""
     cross = getattr(vae, "decoder_cross_attn", None) is not None
-    image = vae.decode(vae.unscale_latents(latents_scaled),
-                       encoder_hidden_states=embeds if cross else None,
-                       encoder_attention_mask=mask if cross else None).sample
+    image = vae.decode(
+        vae.unscale_latents(latents_scaled),
+        encoder_hidden_states=embeds if cross else None,
+        encoder_attention_mask=mask if cross else None,
+    ).sample
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -123,12 +127,21 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
     else:
         where = target
         if accelerator.is_main_process:
-            fit_domain_clip(clip_cfg, cfg.data, cfg.text_encoder.name, output_dir=target, splits=splits,
-                            device=device, seed=cfg.runtime.seed)
+            fit_domain_clip(
+                clip_cfg,
+                cfg.data,
+                cfg.text_encoder.name,
+                output_dir=target,
+                splits=splits,
+                device=device,
+                seed=cfg.runtime.seed,
+            )
         accelerator.wait_for_everyone()
     model, tokenizer, metrics = load_domain_clip(where, device)
     if metrics is None:
-        raise FileNotFoundError(f"domain CLIP {where} has no retrieval metrics file; refit it (unset clip.domain_clip_path)")
+        raise FileNotFoundError(
+            f"domain CLIP {where} has no retrieval metrics file; refit it (unset clip.domain_clip_path)"
+        )
     check_domain_clip(metrics, clip_cfg.min_top1_over_chance)
     scorer = DomainClipScorer(model, tokenizer, str(where), metrics).to(device)
     info = {
@@ -136,15 +149,29 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
         "domain CLIP val top-1": f"{metrics['top1']:.3f} (chance {metrics['chance_top1']:.3f}, n={metrics['n']})",
         "domain CLIP val top-5": f"{metrics['top5']:.3f} (chance {metrics['chance_top5']:.3f})",
     }
-    logger.info("stage 3 CLIP: %s; val top-1 %s, top-5 %s", scorer.name, info["domain CLIP val top-1"],
-                info["domain CLIP val top-5"])
+    logger.info(
+        "stage 3 CLIP: %s; val top-1 %s, top-5 %s",
+        scorer.name,
+        info["domain CLIP val top-1"],
+        info["domain CLIP val top-5"],
+    )
     return scorer, info
 
 
 # ----------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_captions, val_cache: LatentTextCache,
-             noise_scheduler, grid_path: Path) -> dict:
+def evaluate(
+    cfg,
+    vae,
+    unet,
+    text_encoder,
+    tokenizer,
+    scorer: ClipScorer,
+    val_captions,
+    val_cache: LatentTextCache,
+    noise_scheduler,
+    grid_path: Path,
+) -> dict:
     """CLIP score of samples for val captions, val denoising loss, and the fixed-prompt sample grid."""
     s3 = cfg.stage3
     device = next(unet.parameters()).device
@@ -155,25 +182,47 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer: ClipScorer, val_ca
         null_embed, null_mask = encode_texts(tokenizer, text_encoder, [""], cfg.data.max_text_length, device)
         cache = LatentTextCache(val_cache.mean, val_cache.std, embeds, masks, null_embed, null_mask)
         s2 = cfg.stage2  # the denoising loss stage 2 trained with
-        val_loss = validation_loss(unet, noise_scheduler, cache, vae.scale_latents, latent_clamp=s2.latent_clamp,
-                                   huber_delta=s2.huber_delta, min_snr_gamma=s2.min_snr_gamma,
-                                   seed=cfg.runtime.seed, batch_size=s3.batch_size)
+        val_loss = validation_loss(
+            unet,
+            noise_scheduler,
+            cache,
+            vae.scale_latents,
+            latent_clamp=s2.latent_clamp,
+            huber_delta=s2.huber_delta,
+            min_snr_gamma=s2.min_snr_gamma,
+            seed=cfg.runtime.seed,
+            batch_size=s3.batch_size,
+        )
         pipe = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer)
         prompts = list(val_captions)[: s3.eval_num_prompts]
         images = []
         for start in range(0, len(prompts), s3.batch_size):
             chunk = prompts[start : start + s3.batch_size]
-            generators = [torch.Generator(device="cpu").manual_seed(cfg.runtime.seed + start + i)
-                          for i in range(len(chunk))]
-            images.append(pipe(chunk, generator=generators, num_inference_steps=cfg.scheduler.num_inference_steps,
-                               guidance_scale=cfg.scheduler.guidance_scale, output_type="pt").images.float().cpu())
+            generators = [
+                torch.Generator(device="cpu").manual_seed(cfg.runtime.seed + start + i) for i in range(len(chunk))
+            ]
+            images.append(
+                pipe(
+                    chunk,
+                    generator=generators,
+                    num_inference_steps=cfg.scheduler.num_inference_steps,
+                    guidance_scale=cfg.scheduler.guidance_scale,
+                    output_type="pt",
+                )
+                .images.float()
+                .cpu()
+            )
         images = torch.cat(images)
         clip_scores = scorer.score(images, prompts)
         grid = stage2_sample_grid(cfg, pipe, grid_path)
     finally:
         text_encoder.train(was_training)
-    return {"val_clip_score": float(clip_scores.mean()), "val_denoise_loss": float(val_loss),
-            "num_prompts": len(prompts), "grid": str(grid)}
+    return {
+        "val_clip_score": float(clip_scores.mean()),
+        "val_denoise_loss": float(val_loss),
+        "num_prompts": len(prompts),
+        "grid": str(grid),
+    }
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -195,11 +244,31 @@ class TextEncoderLoss:
     the batch's captions, their caption-dropout copies for the denoising term, and "" for the null anchor.
     """
 
-    def __init__(self, text_encoder, unet, vae, scorer: ClipScorer, noise_scheduler, cache: LatentTextCache, *,
-                 caption_ids, caption_mask, null_ids, null_mask, clip_text, clip_weight: float,
-                 denoise_weight: float, anchor_weight: float, null_anchor_weight: float, clip_t_max: int,
-                 latent_clamp: float, caption_dropout: float, huber_delta: float, min_snr_gamma: Optional[float],
-                 device):
+    def __init__(
+        self,
+        text_encoder,
+        unet,
+        vae,
+        scorer: ClipScorer,
+        noise_scheduler,
+        cache: LatentTextCache,
+        *,
+        caption_ids,
+        caption_mask,
+        null_ids,
+        null_mask,
+        clip_text,
+        clip_weight: float,
+        denoise_weight: float,
+        anchor_weight: float,
+        null_anchor_weight: float,
+        clip_t_max: int,
+        latent_clamp: float,
+        caption_dropout: float,
+        huber_delta: float,
+        min_snr_gamma: Optional[float],
+        device,
+    ):
         self.text_encoder, self.unet, self.vae, self.scorer = text_encoder, unet, vae, scorer
         self.noise_scheduler, self.cache = noise_scheduler, cache
         self.caption_ids, self.caption_mask = caption_ids, caption_mask
@@ -251,8 +320,15 @@ class TextEncoderLoss:
             parts["train_clip_score"] = (100 * cos.mean()).detach()
             total = total + self.clip_weight * parts["clip_loss"]
         if self.denoise_weight > 0:
-            parts["denoise_loss"] = diffusion_loss(self.unet, self.noise_scheduler, latents, all_embeds[batch:],
-                                                   all_mask[batch:], self.huber_delta, self.min_snr_gamma)
+            parts["denoise_loss"] = diffusion_loss(
+                self.unet,
+                self.noise_scheduler,
+                latents,
+                all_embeds[batch:],
+                all_mask[batch:],
+                self.huber_delta,
+                self.min_snr_gamma,
+            )
             total = total + self.denoise_weight * parts["denoise_loss"]
         if self.anchor_weight > 0:
             target, target_mask = cache.text(index)
@@ -289,12 +365,16 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     vae = SpriteVAE.from_pretrained(str(vae_path)).requires_grad_(False).eval().to(device)
     unet = UNet2DConditionModel.from_pretrained(str(unet_path)).requires_grad_(False).eval().to(device)
     if vae.config.sample_size != cfg.data.resolution:
-        raise ConfigError(f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
-                         f"is {cfg.data.resolution}: use the same resolution as stages 1-2")
+        raise ConfigError(
+            f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
+            f"is {cfg.data.resolution}: use the same resolution as stages 1-2"
+        )
     tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
     if unet.config.encoder_hid_dim not in (None, text_encoder.config.hidden_size):
-        raise ConfigError(f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
-                         f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder")
+        raise ConfigError(
+            f"U-Net {unet_path} expects text width {unet.config.encoder_hid_dim}, but text encoder "
+            f"'{cfg.text_encoder.name}' has {text_encoder.config.hidden_size}: use the stage-2 encoder"
+        )
     text_encoder.to(device).eval()
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
 
@@ -308,10 +388,12 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     # Latents are cached once (as in stage 2); the frozen encoder's embeddings double as the anchor targets.
     train_set = SpriteDataset(splits["train"], cfg.data, train=False)
     val_set = SpriteDataset(splits["val"], cfg.data, train=False)
-    train_cache = build_cache(vae, tokenizer, text_encoder, train_set, cfg.data.max_text_length, device,
-                              flips=cfg.stage2.cache_flips)
-    val_cache = build_cache(vae, tokenizer, text_encoder, val_set, cfg.data.max_text_length, device, flips=False,
-                            desc="caching val latents")
+    train_cache = build_cache(
+        vae, tokenizer, text_encoder, train_set, cfg.data.max_text_length, device, flips=cfg.stage2.cache_flips
+    )
+    val_cache = build_cache(
+        vae, tokenizer, text_encoder, val_set, cfg.data.max_text_length, device, flips=False, desc="caching val latents"
+    )
     captions = list(train_set.captions)
     tokens = tokenize_captions(tokenizer, captions, cfg.data.max_text_length)  # once: one truncation warning
     caption_ids, caption_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
@@ -322,10 +404,23 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
 
     before = None
     if accelerator.is_main_process and resume_from is None:
-        before = evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer, val_set.captions, val_cache,
-                          noise_scheduler, folder / "samples" / "stage3_before.png")
-        logger.info("stage 3 before: val CLIP score %.3f, val denoising loss %.5f", before["val_clip_score"],
-                    before["val_denoise_loss"])
+        before = evaluate(
+            cfg,
+            vae,
+            unet,
+            text_encoder,
+            tokenizer,
+            scorer,
+            val_set.captions,
+            val_cache,
+            noise_scheduler,
+            folder / "samples" / "stage3_before.png",
+        )
+        logger.info(
+            "stage 3 before: val CLIP score %.3f, val denoising loss %.5f",
+            before["val_clip_score"],
+            before["val_denoise_loss"],
+        )
         log_image_grid(accelerator, "stage3_before", before["grid"], 0)
     accelerator.wait_for_everyone()
 
@@ -337,9 +432,20 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=s3.learning_rate, weight_decay=s3.weight_decay)
     text_encoder, optimizer, train_loader = accelerator.prepare(text_encoder, optimizer, train_loader)
     training = start_training(
-        accelerator, STAGE, text_encoder, optimizer, train_loader, checkpoints, resume_from, folder / "losses.csv",
-        epochs=s3.epochs, learning_rate=s3.learning_rate, warmup_fraction=s3.warmup_fraction, grad_clip=s3.grad_clip,
-        max_steps=rt.max_steps, nan_max_consecutive=rt.nan_max_consecutive,
+        accelerator,
+        STAGE,
+        text_encoder,
+        optimizer,
+        train_loader,
+        checkpoints,
+        resume_from,
+        folder / "losses.csv",
+        epochs=s3.epochs,
+        learning_rate=s3.learning_rate,
+        warmup_fraction=s3.warmup_fraction,
+        grad_clip=s3.grad_clip,
+        max_steps=rt.max_steps,
+        nan_max_consecutive=rt.nan_max_consecutive,
         grad_explosion_factor=rt.grad_explosion_factor,
     )
     state = training.state
@@ -350,23 +456,55 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     s2 = cfg.stage2
     num_t = noise_scheduler.config.num_train_timesteps
     loss = TextEncoderLoss(
-        text_encoder, unet, vae, scorer, noise_scheduler, train_cache, caption_ids=caption_ids,
-        caption_mask=caption_mask, null_ids=null_ids, null_mask=null_mask, clip_text=clip_text,
-        clip_weight=s3.clip_weight, denoise_weight=s3.denoise_weight, anchor_weight=s3.anchor_weight,
-        null_anchor_weight=s3.null_anchor_weight, clip_t_max=max(1, int(round(s3.clip_max_timestep_fraction * num_t))),
-        latent_clamp=s2.latent_clamp, caption_dropout=cfg.data.caption_dropout, huber_delta=s2.huber_delta,
-        min_snr_gamma=s2.min_snr_gamma, device=device,
+        text_encoder,
+        unet,
+        vae,
+        scorer,
+        noise_scheduler,
+        train_cache,
+        caption_ids=caption_ids,
+        caption_mask=caption_mask,
+        null_ids=null_ids,
+        null_mask=null_mask,
+        clip_text=clip_text,
+        clip_weight=s3.clip_weight,
+        denoise_weight=s3.denoise_weight,
+        anchor_weight=s3.anchor_weight,
+        null_anchor_weight=s3.null_anchor_weight,
+        clip_t_max=max(1, int(round(s3.clip_max_timestep_fraction * num_t))),
+        latent_clamp=s2.latent_clamp,
+        caption_dropout=cfg.data.caption_dropout,
+        huber_delta=s2.huber_delta,
+        min_snr_gamma=s2.min_snr_gamma,
+        device=device,
     )
     # the frozen U-Net / VAE / CLIP are not prepared: autocast by hand
-    run_epochs(training, loss, epochs=s3.epochs, seed=rt.seed, checkpoint_every_steps=rt.checkpoint_every_steps,
-               desc="stage 3 (text encoder)", autocast=True)
+    run_epochs(
+        training,
+        loss,
+        epochs=s3.epochs,
+        seed=rt.seed,
+        checkpoint_every_steps=rt.checkpoint_every_steps,
+        desc="stage 3 (text encoder)",
+        autocast=True,
+    )
     training.save_checkpoint()  # final
 
     pipeline_dir = folder / "pipeline"
     if accelerator.is_main_process:
         model = unwrap(accelerator, text_encoder).eval()
-        after = evaluate(cfg, vae, unet, model, tokenizer, scorer, val_set.captions, val_cache, noise_scheduler,
-                         folder / "samples" / "stage3_after.png")
+        after = evaluate(
+            cfg,
+            vae,
+            unet,
+            model,
+            tokenizer,
+            scorer,
+            val_set.captions,
+            val_cache,
+            noise_scheduler,
+            folder / "samples" / "stage3_after.png",
+        )
         log_image_grid(accelerator, "stage3_after", after["grid"], state.global_step)
         if not math.isfinite(after["val_denoise_loss"]):
             raise NoUsableWeightsError(
@@ -377,27 +515,43 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         text_dir = atomic_save_pretrained(model, folder / "text_encoder")
         _save_tokenizer(tokenizer, folder / "tokenizer")
         skipped = training.stepper.guard.total_skipped
-        report = {"clip": clip_info, "steps": state.global_step, "skipped_batches": skipped,
-                  "before": before, "after": after}
+        report = {
+            "clip": clip_info,
+            "steps": state.global_step,
+            "skipped_batches": skipped,
+            "before": before,
+            "after": after,
+        }
         if isinstance(scorer, DomainClipScorer):
             report["domain_clip_retrieval"] = scorer.metrics
         write_text_atomic(folder / METRICS_FILE, json.dumps(report, indent=2))
         if before is not None:
-            logger.info("stage 3: val CLIP score %.3f -> %.3f, val denoising loss %.5f -> %.5f (%s)",
-                        before["val_clip_score"], after["val_clip_score"], before["val_denoise_loss"],
-                        after["val_denoise_loss"], clip_info["clip"])
+            logger.info(
+                "stage 3: val CLIP score %.3f -> %.3f, val denoising loss %.5f -> %.5f (%s)",
+                before["val_clip_score"],
+                after["val_clip_score"],
+                before["val_denoise_loss"],
+                after["val_denoise_loss"],
+                clip_info["clip"],
+            )
 
         extra = {"run": rt.experiment_name, "stage 3 steps": state.global_step, "stage 3 CLIP": clip_info["clip"]}
         extra.update({f"stage 3 {k}": v for k, v in clip_info.items() if k != "clip"})
         if before is not None:
             extra["stage 3 val CLIP score (before -> after)"] = (
-                f"{before['val_clip_score']:.2f} -> {after['val_clip_score']:.2f}")
+                f"{before['val_clip_score']:.2f} -> {after['val_clip_score']:.2f}"
+            )
             extra["stage 3 val denoising loss (before -> after)"] = (
-                f"{before['val_denoise_loss']:.5f} -> {after['val_denoise_loss']:.5f}")
+                f"{before['val_denoise_loss']:.5f} -> {after['val_denoise_loss']:.5f}"
+            )
         # assembled from the saved folders: exactly what users will load
-        pipe = assemble_pipeline(cfg, SpriteVAE.from_pretrained(str(vae_path)),
-                                 UNet2DConditionModel.from_pretrained(str(unet_path)),
-                                 AutoModel.from_pretrained(str(text_dir)), tokenizer)
+        pipe = assemble_pipeline(
+            cfg,
+            SpriteVAE.from_pretrained(str(vae_path)),
+            UNet2DConditionModel.from_pretrained(str(unet_path)),
+            AutoModel.from_pretrained(str(text_dir)),
+            tokenizer,
+        )
         pipe.save_pretrained(pipeline_dir)
         write_model_card(pipeline_dir, stages={3: state.global_step}, extra=extra)
         if isinstance(scorer, DomainClipScorer):
