@@ -156,7 +156,7 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
 
     def status(stage: int) -> str:
         if stage not in stages:
-            return f"Stage {stage}: not recorded for this save (weights from an earlier run)."
+            return f"Stage {stage}: not recorded for this save (its weights may come from this run or an earlier one)."
         steps = stages[stage]
         return f"Stage {stage}: ran for these weights" + (f", {steps} optimizer steps." if steps is not None else ".")
 
