@@ -15,6 +15,7 @@ pipeline/ (a ``PokeSpritePipeline`` that ``from_pretrained`` loads).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -130,6 +131,28 @@ def push_pipeline(cfg, pipeline_dir: Path) -> str:
     return cfg.hub.hub_model_id
 
 
+def _final_step(run: Path, stage: int) -> int | None:
+    """The optimizer steps of ``stage`` in ``run``: its newest checkpoint's ``global_step`` (None without one)."""
+    states = sorted((run / "checkpoints" / f"stage{stage}").glob("checkpoint-*/training_state.json"))
+    return json.loads(states[-1].read_text()).get("global_step") if states else None
+
+
+def record_stages_on_card(pipeline_dir: Path, run: Path, ran: list[int]) -> None:
+    """Add the earlier stages this command trained to the pipeline's card. Each stage saves the pipeline knowing
+    only itself (stage 3 does not know whether stage 1 ran a minute ago or in another run); the command does.
+    Stage 3's own record wins (the gate may have taken it back)."""
+    from pokediff.hub import recorded_facts, write_model_card
+
+    facts = recorded_facts(pipeline_dir)
+    recorded = {int(k): v for k, v in (facts.get("stages") or {}).items()}
+    earlier = {stage: _final_step(run, stage) for stage in ran if stage != 3 and stage not in recorded}
+    if facts.get("stages") is None or not earlier:
+        return
+    write_model_card(
+        pipeline_dir, stages={**earlier, **recorded}, metrics=facts.get("metrics"), extra=facts.get("extra")
+    )
+
+
 def main(argv=None, accelerator=None) -> dict:
     """Run the requested stages; returns {"vae": path, "unet": path, "pipeline": path, ...} of what was made."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -198,6 +221,8 @@ def main(argv=None, accelerator=None) -> dict:
             outputs["stage3_gate"] = gate_stage3(cfg, run, accelerator.device)["kept"]
         accelerator.wait_for_everyone()
 
+    if "pipeline" in outputs and accelerator.is_main_process:
+        record_stages_on_card(Path(outputs["pipeline"]), run, [int(s) for s in stages])
     if cfg.hub.push_to_hub and accelerator.is_main_process:
         outputs["hub_repo"] = push_pipeline(cfg, Path(outputs.get("pipeline", run / "pipeline")))
     accelerator.wait_for_everyone()

@@ -136,6 +136,11 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
     # the stage-3 gate judged stage 3 against stage 2's text encoder and said which the pipeline keeps
     assert json.loads((run / "stage3_metrics.json").read_text())["gate"]["kept"] == outputs["stage3_gate"]
     assert outputs["stage3_gate"] in ("stage2", "stage3")
+    # the card names every stage this command ran (stage 3 only if the gate kept its text encoder)
+    card = (run / "pipeline" / "README.md").read_text()
+    assert "Stage 1: ran for these weights, 2 optimizer steps." in card
+    assert "Stage 2: ran for these weights, 2 optimizer steps." in card
+    assert ("Stage 3: ran for these weights" in card) == (outputs["stage3_gate"] == "stage3")
     perceptual = [
         r["value"]
         for r in read_losses(run / "losses.csv")
