@@ -4,6 +4,8 @@
     python benchmarks/train_throughput.py --tiny          # configs/tiny.yaml on CPU, a few steps
     python benchmarks/train_throughput.py --channels-last --fused-adamw --foreach-ema --compile
     python benchmarks/train_throughput.py --tiny --check  # same loss on a fixed batch with each lever on/off
+    python benchmarks/train_throughput.py --sync-every 1  # ours through pokediff's OptimizerStepper ...
+    python benchmarks/train_throughput.py --sync-every 8  # ... reading to the host every 8 updates only
 
 Ours: latents (posterior mean/std) and text embeddings cached once; each step draws a latent sample, noise and
 timesteps, runs the U-Net, Huber (or Min-SNR) loss on the configured target, AdamW, EMA.
@@ -12,6 +14,8 @@ the captions with the text encoder, MSE loss on the noise, AdamW, EMA.
 
 Speed levers, each applied to both loops alike: ``--bf16`` (autocast; default on CUDA), ``--channels-last``,
 ``--compile`` (``--compile-mode reduce-overhead`` adds CUDA graphs), ``--fused-adamw``, ``--foreach-ema``.
+``--sync-every N`` applies to ours only: its step goes through pokediff's ``OptimizerStepper`` (NaN guard,
+gradient-explosion detector) with ``runtime.sync_every_steps=N``; without it ours has no guards (as before).
 Prints one JSON object: images/s of each loop, the speed-up, FLOPs per image (torch.utils.flop_counter) and the
 model FLOP utilisation (MFU) against the device's dense bf16 peak.
 """
@@ -42,6 +46,8 @@ from pokediff.models.text import load_text_encoder  # noqa: E402
 from pokediff.models.unet import build_unet  # noqa: E402
 from pokediff.models.vae import build_vae  # noqa: E402
 from pokediff.schedulers import build_noise_scheduler  # noqa: E402
+from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard, OptimizerStepper  # noqa: E402
+from pokediff.training.metrics import PendingRows  # noqa: E402
 from pokediff.training.stage2_unet import diffusion_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), for MFU; --peak-tflops overrides.
@@ -58,10 +64,32 @@ class Levers:
     compile_backend: str = "inductor"  # aot_eager: graph capture without code generation (CPU tests)
     fused_adamw: bool = False
     foreach_ema: bool = False
+    sync_every: int | None = None  # ours through OptimizerStepper, host reads every N updates (None: no guards)
 
     def label(self) -> str:
         on = [name for name in LEVERS if getattr(self, name)]
+        if self.sync_every is not None:
+            on.append(f"sync_every_{self.sync_every}")
         return "+".join(on) or "baseline"
+
+
+class OneProcess:
+    """What ``OptimizerStepper`` asks of an ``Accelerator``, for a plain one-device loop (no accelerate state)."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def __init__(self, device):
+        self.device = device
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def unwrap_model(self, model):
+        return model
 
 
 def parse_args(argv=None):
@@ -93,15 +121,26 @@ def parse_args(argv=None):
     )
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in both loops")
     parser.add_argument("--foreach-ema", action="store_true", help="EMAModel(foreach=True) in both loops")
+    parser.add_argument(
+        "--sync-every",
+        type=int,
+        metavar="N",
+        help="ours through pokediff's OptimizerStepper, reading loss/grad norm/NaN count to the host every N "
+        "updates (runtime.sync_every_steps; 1 = every step). Default: ours without the guards",
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: from the device name)")
     parser.add_argument(
         "--check",
         action="store_true",
-        help="instead of timing: the loss of a fixed batch over 2 steps with each lever on/off",
+        help="instead of timing: the loss of a fixed batch over max(5, N+1) steps with each lever on/off, and of "
+        "ours through the stepper reading to the host every step and every N steps (--sync-every N, default 4)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sync_every is not None and args.sync_every < 1:
+        parser.error(f"--sync-every must be >= 1, got {args.sync_every}")
+    return args
 
 
 def real_captions(n: int) -> list[str]:
@@ -235,10 +274,31 @@ class TrainLoop:
             self.model = torch.compile(self.unet, backend=levers.compile_backend, **mode)
         self.amp_dtype = torch.bfloat16 if levers.bf16 else None
         self.loss_fn = bench.ours_loss if kind == "ours" else bench.stock_loss
+        self.stepper = None
+        if kind == "ours" and levers.sync_every is not None:
+            runtime = bench.cfg.runtime
+            self.stepper = OptimizerStepper(
+                OneProcess(device),
+                self.unet,
+                self.optimizer,
+                torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0),  # the constant lr above
+                bench.cfg.stage2.grad_clip,
+                NonFiniteGuard(runtime.nan_max_consecutive, stage="benchmark"),
+                GradExplosionDetector(runtime.grad_explosion_factor),
+                ema=self.ema,
+                sync_every=levers.sync_every,
+            )
+            self.pending = PendingRows()
 
     def step(self, step: int, model=None) -> torch.Tensor:
-        """One optimizer step; returns the loss, detached (no host sync here)."""
+        """One optimizer step; returns the loss, detached (no host sync here, except the stepper's own)."""
         loss = self.loss_fn(self.model if model is None else model, step, self.amp_dtype)
+        if self.stepper is not None:
+            self.pending.add(step, 0, self.stepper.step(loss, step))
+            if len(self.pending) >= self.stepper.sync_every:  # the loop's one host read per window
+                for k, _, (metrics,) in self.pending.read():
+                    self.stepper.settle(k, metrics)
+            return loss.detach()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.bench.cfg.stage2.grad_clip)
         self.optimizer.step()
@@ -247,17 +307,24 @@ class TrainLoop:
         return loss.detach()
 
 
-def lever_check(bench: Bench, base: Levers, steps: int = 2, kinds=("ours", "stock"), levers=LEVERS) -> dict:
+def lever_check(
+    bench: Bench, base: Levers, steps: int = 2, kinds=("ours", "stock"), levers=LEVERS, sync_every=()
+) -> dict:
     """Loss of the fixed batch at each of ``steps`` steps, baseline vs each lever flipped on alone.
 
-    Step 0 compares the forward pass, step 1 also the first optimizer/EMA update. Returns
-    ``{kind: {label: [loss, ...]}}`` with the baseline under "baseline".
+    Step 0 compares the forward pass, step 1 also the first optimizer/EMA update. Each N of ``sync_every``
+    adds, for ours, a run through ``OptimizerStepper`` reading to the host every N updates ("sync_every_N").
+    Returns ``{kind: {label: [loss, ...]}}`` with the baseline under "baseline".
     """
     out: dict = {}
     for kind in kinds:
         runs = {}
-        for name in ("baseline",) + tuple(levers):
-            setting = base if name == "baseline" else replace(base, **{name: True})
+        syncs = [f"sync_every_{n}" for n in sync_every] if kind == "ours" else []
+        for name in ("baseline",) + tuple(levers) + tuple(syncs):
+            if name.startswith("sync_every_"):
+                setting = replace(base, sync_every=int(name.rsplit("_", 1)[1]))
+            else:
+                setting = base if name == "baseline" else replace(base, **{name: True})
             loop = TrainLoop(bench, kind, setting)
             runs[name] = [float(loop.step(k)) for k in range(steps)]
         out[kind] = runs
@@ -312,6 +379,7 @@ def _benchmark(args) -> dict:
         compile_backend=args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager"),
         fused_adamw=args.fused_adamw,
         foreach_ema=args.foreach_ema,
+        sync_every=args.sync_every,
     )
     batch = args.batch_size or cfg.stage2.batch_size
     bench = Bench(cfg, device, batch)
@@ -328,7 +396,11 @@ def _benchmark(args) -> dict:
     }
     if args.check:
         result["benchmark"] = "stage2_lever_check"
-        result["fixed_batch_losses"] = lever_check(bench, replace(levers, **dict.fromkeys(LEVERS, False)))
+        window = args.sync_every or 4
+        base = replace(levers, sync_every=None, **dict.fromkeys(LEVERS, False))
+        result["fixed_batch_losses"] = lever_check(
+            bench, base, steps=max(5, window + 1), sync_every=sorted({1, window})
+        )
     else:
         steps = args.steps or (3 if args.tiny else 30)
         warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)

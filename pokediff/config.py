@@ -141,6 +141,9 @@ class RuntimeConfig:
     sample_every_epochs: int = 5
     nan_max_consecutive: int = 20  # abort after this many non-finite batches in a row
     grad_explosion_factor: float = 10.0  # grad norm above factor x running median => adaptive clip
+    # read loss / grad norm / NaN count to the host every N updates (1: every step, with the adaptive clip);
+    # N > 1 keeps the GPU stream free of per-step syncs: non-finite steps are neutralised on the device
+    sync_every_steps: int = 1
     cpu: bool = False
     # intra-op CPU threads per process (0: torch's default). Small tensors are overhead-bound: on 2 cores one
     # thread per process is faster than two fighting over a barrier whenever anything else runs
@@ -578,6 +581,7 @@ def _check_runtime(c: ConfigChecker) -> None:
         "runtime.checkpoints_total_limit",
         "runtime.sample_every_epochs",
         "runtime.nan_max_consecutive",
+        "runtime.sync_every_steps",
     )
     c.ints_at_least(1, "runtime.max_steps", optional=True)
     c.at_least_one("runtime.grad_explosion_factor")

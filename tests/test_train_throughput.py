@@ -60,6 +60,23 @@ def test_each_lever_keeps_the_fixed_batch_loss(bench_module, bench):
     _check_levers(bench_module, bench, ("bf16", "channels_last", "fused_adamw", "foreach_ema"))
 
 
+def test_ours_through_the_stepper_keeps_the_fixed_batch_loss_syncing_every_step_or_every_4(bench_module, bench):
+    base = bench_module.Levers(compile_backend="aot_eager")
+    runs = bench_module.lever_check(bench, base, steps=5, kinds=("ours",), levers=(), sync_every=(1, 4))["ours"]
+    assert set(runs) == {"baseline", "sync_every_1", "sync_every_4"}
+    baseline = torch.tensor(runs["baseline"])
+    # the stepper clips in two calls (measure, then clip) where the plain loop clips in one: equal to rounding
+    for name in ("sync_every_1", "sync_every_4"):
+        torch.testing.assert_close(torch.tensor(runs[name]), baseline, rtol=1e-4, atol=1e-6, msg=name)
+    assert runs["sync_every_1"] == runs["sync_every_4"]  # the device-side path is the same arithmetic
+
+
+def test_sync_every_below_1_is_refused(bench_module, capsys):
+    with pytest.raises(SystemExit):
+        bench_module.parse_args(["--sync-every", "0"])
+    assert "--sync-every must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # dynamo traces the U-Net twice per loop: about a minute on a busy 2-core machine
 def test_compile_keeps_the_fixed_batch_loss(bench_module, bench):
     _check_levers(bench_module, bench, ("compile",))

@@ -146,7 +146,10 @@ class OptimizerStepper:
         guard: NonFiniteGuard,
         detector: Optional[GradExplosionDetector],
         ema=None,
+        sync_every: int = 1,
     ):
+        if sync_every < 1:
+            raise ConfigError(f"runtime.sync_every_steps must be >= 1, got {sync_every}")
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -155,9 +158,13 @@ class OptimizerStepper:
         self.guard = guard
         self.detector = detector
         self.ema = ema
+        self.sync_every = sync_every
         self._window_finite = True
+        self._loss_finite: Optional[torch.Tensor] = None  # sync_every > 1: this update's micro-batches, on device
 
     def step(self, loss: torch.Tensor, global_step: int) -> Optional[dict]:
+        if self.sync_every > 1:
+            return self._step_on_device(loss)
         acc = self.accelerator
         self._window_finite &= self.guard.all_finite(loss)
         acc.backward(loss)
@@ -193,3 +200,84 @@ class OptimizerStepper:
         metrics["skipped_batches"] = self.guard.total_skipped
         metrics["updated"] = float(updated)
         return metrics
+
+    def _step_on_device(self, loss: torch.Tensor) -> Optional[dict]:
+        """``step`` without a host read (``sync_every > 1``): the update is always taken, neutralised on the
+        device when the loss or a gradient is non-finite. Returns raw metrics (device tensors) for ``settle``.
+
+        A non-finite step leaves the weights exactly as they were: its gradients are zeroed (EDM2's nan_to_num,
+        then a 0/1 mask, so AdamW's moments stay finite) and, since a zero gradient still moves AdamW's weights
+        (momentum and weight decay), the weights are put back from a copy taken before the update. AdamW's step
+        count and the decay of its moments still advance, the LR schedule steps and the EMA takes a step towards
+        the unmoved weights. Clipping is to the fixed ``grad_clip``: the adaptive clip needs the norm on the host.
+        """
+        acc = self.accelerator
+        loss_finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = loss_finite if self._loss_finite is None else self._loss_finite & loss_finite
+        acc.backward(loss)
+        if not acc.sync_gradients:
+            return None
+        loss_finite, self._loss_finite = self._loss_finite, None
+        if acc.num_processes > 1:  # every rank takes the same decision (a device-side all-reduce, no host read)
+            loss_finite = acc.reduce((~loss_finite).float(), reduction="sum") == 0
+        params = [p for p in parameters_of(self.model) if p.grad is not None]
+        # max_norm=inf: only measure (and unscale for fp16; its GradScaler still reads found_inf every step)
+        norm = torch.as_tensor(acc.clip_grad_norm_(params, float("inf")), dtype=torch.float32)
+        grad_finite = torch.isfinite(norm).to(loss_finite.device)
+        finite = loss_finite & grad_finite
+        neutralise_gradients(params, finite)
+        safe_norm = torch.where(finite, norm.to(finite.device), torch.zeros_like(norm, device=finite.device))
+        torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, safe_norm.to(params[0].device))
+        with torch.no_grad():
+            before = [p.detach().clone() for p in params]
+            self.optimizer.step()
+            for p, old in zip(params, before):
+                p.copy_(torch.where(finite.to(p.device), p, old))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(parameters_of(unwrap(acc, self.model)))
+        return {"lr": lr, "grad_norm": norm, "loss_finite": loss_finite, "grad_finite": grad_finite}
+
+    def settle(self, step: int, metrics: dict) -> dict:
+        """The metrics of update ``step`` once its raw values are on the host (``sync_every > 1``): the guard
+        counts a non-finite step (and raises after ``nan_max_consecutive`` in a row, exactly as every step
+        would, only at the next sync), the detector records the norm for logging (it clips nothing here).
+        With ``sync_every == 1`` ``step`` already settled the metrics: returned as they are."""
+        if self.sync_every == 1:
+            return metrics
+        settled = {"lr": metrics["lr"]}
+        updated = False
+        if not metrics["loss_finite"]:
+            self.guard.skip(step, "loss")
+        else:
+            norm = metrics["grad_norm"]
+            settled["grad_norm"] = norm
+            if not metrics["grad_finite"]:
+                self.guard.skip(step, "gradient norm")
+            else:
+                exploded = False
+                if self.detector is not None:
+                    _, exploded = self.detector.clip_value(norm, self.grad_clip)
+                if exploded:
+                    logger.warning(
+                        "step %d: gradient norm %.3g far above its running median (clipped to grad_clip only: "
+                        "runtime.sync_every_steps > 1)",
+                        step,
+                        norm,
+                    )
+                settled["grad_explosion"] = float(exploded)
+                self.guard.ok()
+                updated = True
+        settled["skipped_batches"] = self.guard.total_skipped
+        settled["updated"] = float(updated)
+        return settled
+
+
+def neutralise_gradients(parameters, finite: torch.Tensor) -> None:
+    """NaN/Inf gradient entries to 0 (EDM2's ``nan_to_num``), then every gradient times ``finite`` (a 0-d
+    bool tensor): a step with a non-finite loss or norm contributes nothing, decided on the device."""
+    for p in parameters:
+        torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+        p.grad.mul_(finite.to(p.grad.device, p.grad.dtype))

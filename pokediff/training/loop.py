@@ -7,6 +7,9 @@ A stage builds and prepares its models and data, then
    log)``, and calls the stage's ``end_of_epoch(epoch, finished)`` hook (validation, samples).
 
 Per step: ``seed_step`` -> loss -> ``OptimizerStepper.step`` -> ``log_metrics`` -> a checkpoint every N updates.
+With ``runtime.sync_every_steps`` = N > 1 the step's loss and metrics stay on the device; every N updates (and
+before a checkpoint, at the end of an epoch and of training) one host read settles them: the guard counts the
+non-finite steps, each update still gets its own losses.csv rows, the progress bar shows the last loss.
 An epoch cut short by a checkpoint resumes at the next unseen batch; the same batches, noise and updates follow
 as in an uninterrupted run.
 """
@@ -29,7 +32,7 @@ from pokediff.training.checkpoints import (
     save_training_checkpoint,
 )
 from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard, OptimizerStepper
-from pokediff.training.metrics import LossLogger, log_metrics
+from pokediff.training.metrics import LossLogger, PendingRows, log_metrics
 from pokediff.training.seeding import epoch_batches, seed_step
 from pokediff.training.setup import end_stage, one_cycle, optimizer_steps
 
@@ -90,6 +93,7 @@ def start_training(
     max_steps: Optional[int],
     nan_max_consecutive: int,
     grad_explosion_factor: float,
+    sync_every_steps: int = 1,
     ema=None,
 ) -> StageTraining:
     """The update schedule, guards and losses.csv for the prepared ``model`` / ``optimizer`` / ``loader``, at
@@ -103,7 +107,9 @@ def start_training(
     # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
     guard = NonFiniteGuard(min(nan_max_consecutive, total_steps), accelerator, stage)
     detector = GradExplosionDetector(grad_explosion_factor)
-    stepper = OptimizerStepper(accelerator, model, optimizer, lr_scheduler, grad_clip, guard, detector, ema=ema)
+    stepper = OptimizerStepper(
+        accelerator, model, optimizer, lr_scheduler, grad_clip, guard, detector, ema=ema, sync_every=sync_every_steps
+    )
     losses = LossLogger(losses_path, stage, enabled=accelerator.is_main_process)
     state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)
     return StageTraining(
@@ -131,6 +137,7 @@ def run_epochs(
     progress = tqdm(
         total=training.total_steps, initial=state.global_step, desc=desc, disable=not acc.is_local_main_process
     )
+    pending = PendingRows()  # updates not yet read to the host
     training.model.train()
     for epoch in range(state.epoch, epochs):
         if training.finished:
@@ -146,17 +153,30 @@ def run_epochs(
             state.batches_in_epoch += 1
             if metrics is None:
                 continue
+            pending.add(state.global_step, epoch, {"loss": value.detach()}, logged, metrics)
             state.global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{value.item():.4f}")
-            training.log({"loss": value.item(), **logged, **metrics}, epoch)
-            if state.global_step % checkpoint_every_steps == 0 and not training.finished:
+            checkpoint_due = state.global_step % checkpoint_every_steps == 0 and not training.finished
+            if checkpoint_due or training.finished or state.global_step % training.stepper.sync_every == 0:
+                _settle(training, pending, progress)
+            if checkpoint_due:
                 training.save_checkpoint()
             if training.finished:
                 break
+        _settle(training, pending, progress)
         epoch_done = state.batches_in_epoch >= len(loader)
         if end_of_epoch is not None and (epoch_done or training.finished):
             end_of_epoch(epoch, training.finished)
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     progress.close()
+
+
+def _settle(training: StageTraining, pending: PendingRows, progress) -> None:
+    """Read the pending updates to the host (one transfer), settle their metrics and log one row set each."""
+    if not pending:
+        return
+    for step, epoch, (loss, logged, metrics) in pending.read():
+        metrics = training.stepper.settle(step, metrics)
+        log_metrics(training.accelerator, training.losses, step + 1, epoch, {**loss, **logged, **metrics})
+    progress.set_postfix(loss=f"{loss['loss']:.4f}")

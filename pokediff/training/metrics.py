@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from accelerate import Accelerator
 
 from pokediff.curves import CsvLog
@@ -42,6 +43,39 @@ class LossLogger:
             {"time": now, "stage": self.stage, "epoch": epoch, "step": step, "metric": name, "value": float(value)}
             for name, value in values.items()
         )
+
+
+class PendingRows:
+    """Rows of values that may still be device tensors, moved to the host together by ``read``.
+
+    A training loop that syncs every N updates keeps each update's loss, logged values and metrics here and
+    writes them (one losses.csv row per update, as with a sync every step) after one transfer.
+    """
+
+    def __init__(self):
+        self.rows: list[tuple[int, int, list[dict]]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, step: int, epoch: int, *parts: dict) -> None:
+        self.rows.append((step, epoch, list(parts)))
+
+    def read(self) -> list[tuple[int, int, list[dict]]]:
+        """The rows with every tensor value as a Python float (one stacked host read), and empty the list."""
+        tensors = [v for _, _, parts in self.rows for part in parts for v in part.values() if torch.is_tensor(v)]
+        values = iter(())
+        if tensors:
+            device = tensors[0].device
+            # float64 holds every float32/bf16/fp16 value exactly, so a value reads as .item() would read it
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            values = iter(torch.stack([t.detach().reshape(()).to(device, dtype) for t in tensors]).tolist())
+        rows = [
+            (step, epoch, [{k: next(values) if torch.is_tensor(v) else v for k, v in part.items()} for part in parts])
+            for step, epoch, parts in self.rows
+        ]
+        self.rows = []
+        return rows
 
 
 def read_losses(path) -> list[dict]:

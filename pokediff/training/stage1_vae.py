@@ -263,6 +263,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         max_steps=rt.max_steps,
         nan_max_consecutive=rt.nan_max_consecutive,
         grad_explosion_factor=rt.grad_explosion_factor,
+        sync_every_steps=rt.sync_every_steps,
     )
     state = training.state
     loss = VAELoss(

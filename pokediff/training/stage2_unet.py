@@ -387,6 +387,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         max_steps=rt.max_steps,
         nan_max_consecutive=rt.nan_max_consecutive,
         grad_explosion_factor=rt.grad_explosion_factor,
+        sync_every_steps=rt.sync_every_steps,
         ema=ema,
     )
     state = training.state

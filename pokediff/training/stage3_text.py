@@ -447,6 +447,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         max_steps=rt.max_steps,
         nan_max_consecutive=rt.nan_max_consecutive,
         grad_explosion_factor=rt.grad_explosion_factor,
+        sync_every_steps=rt.sync_every_steps,
     )
     state = training.state
     if resume_from is not None:
