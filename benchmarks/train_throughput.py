@@ -341,7 +341,7 @@ def measure(bench: Bench, levers: Levers, steps: int, warmup: int, peak: float |
         flops = flops_of(lambda k: loop.step(k, model=loop.unet)) // bench.batch
         ips = steps * bench.batch / seconds
         result[kind] = {
-            "images_per_s": round(ips, 2),
+            "images_per_s": float(f"{ips:.4g}"),  # 4 significant digits: a slow CPU run can be < 1 img/s
             "train_flops_per_image": flops,
             "achieved_tflops": float(f"{ips * flops / 1e12:.4g}"),
             "mfu": float(f"{ips * flops / (peak * 1e12):.4g}") if peak else None,
