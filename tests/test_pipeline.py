@@ -320,7 +320,8 @@ _LOAD_IN_FRESH_INTERPRETER = r"""
 import importlib.abc, json, sys
 import torch
 
-folder, way, out = sys.argv[1:]
+folder, way, out, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))  # the parent's: another thread count sums in another order (not bit-equal)
 if way == "trust_remote_code_without_pokediff":
     class Refuse(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -352,7 +353,7 @@ def _load_in_fresh_interpreter(folder, way, tmp_path) -> tuple[dict, torch.Tenso
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
     out = tmp_path / f"{way}.pt"
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_IN_FRESH_INTERPRETER, str(folder), way, str(out)],
+        [sys.executable, "-c", _LOAD_IN_FRESH_INTERPRETER, str(folder), way, str(out), str(torch.get_num_threads())],
         env=env,
         capture_output=True,
         text=True,
