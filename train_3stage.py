@@ -141,16 +141,11 @@ def record_stages_on_card(pipeline_dir: Path, run: Path, ran: list[int]) -> None
     """Add the earlier stages this command trained to the pipeline's card. Each stage saves the pipeline knowing
     only itself (stage 3 does not know whether stage 1 ran a minute ago or in another run); the command does.
     Stage 3's own record wins (the gate may have taken it back)."""
-    from pokediff.hub import recorded_facts, write_model_card
+    from pokediff.hub import update_model_card
 
-    facts = recorded_facts(pipeline_dir)
-    recorded = {int(k): v for k, v in (facts.get("stages") or {}).items()}
-    earlier = {stage: _final_step(run, stage) for stage in ran if stage != 3 and stage not in recorded}
-    if facts.get("stages") is None or not earlier:
-        return
-    write_model_card(
-        pipeline_dir, stages={**earlier, **recorded}, metrics=facts.get("metrics"), extra=facts.get("extra")
-    )
+    earlier = {stage: _final_step(run, stage) for stage in ran if stage != 3}
+    if earlier:
+        update_model_card(pipeline_dir, stages=earlier)
 
 
 def main(argv=None, accelerator=None) -> dict:

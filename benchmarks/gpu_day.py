@@ -260,8 +260,9 @@ def train_phase(run: Run, args, work: Path) -> dict:
 def sample_plan(data_cfg, args) -> list[dict]:
     """Every sample to make: prompt, seed, target colour, source and split row, in a fixed order."""
     from pokediff.data import load_splits
+    from pokediff.eval.color import target_color
     from pokediff.eval.prompts import FREEFORM_PROMPTS
-    from pokediff.eval.runner import _rows_for, _target_color
+    from pokediff.eval.runner import _rows_for
 
     splits = load_splits(data_cfg)
     plan = []
@@ -275,7 +276,7 @@ def sample_plan(data_cfg, args) -> list[dict]:
         plan.append(
             {
                 "prompt": captions[row],
-                "target_color": _target_color(rows[row], captions[row]),
+                "target_color": target_color(rows[row], captions[row]),
                 "source": "train",
                 "row": row,
             }
@@ -285,7 +286,7 @@ def sample_plan(data_cfg, args) -> list[dict]:
         plan += [
             {
                 "prompt": captions[row],
-                "target_color": _target_color(rows[row], captions[row]),
+                "target_color": target_color(rows[row], captions[row]),
                 "source": "val",
                 "row": row,
             }

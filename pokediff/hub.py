@@ -263,6 +263,32 @@ def recorded_facts(folder) -> dict:
     return facts if isinstance(facts, dict) else {}
 
 
+def update_model_card(
+    folder,
+    stages: dict[int, int | None] | None = None,
+    drop_stages: tuple[int, ...] = (),
+    metrics: dict | None = None,
+    extra: dict | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write the folder's card again from the facts its earlier card recorded: ``stages`` (stage -> steps) added
+    where the card has no record of them yet (a recorded stage wins), ``drop_stages`` removed, ``metrics`` and
+    ``extra`` entries added. A card that recorded no stages keeps claiming none."""
+    facts = recorded_facts(folder)
+    recorded = facts.get("stages")
+    if recorded is not None:
+        recorded = {**(stages or {}), **{int(k): v for k, v in recorded.items()}}
+        for stage in drop_stages:
+            recorded.pop(stage, None)
+    return write_model_card(
+        folder,
+        stages=recorded,
+        metrics={**(facts.get("metrics") or {}), **(metrics or {})},
+        extra={**(facts.get("extra") or {}), **(extra or {})},
+        repo_id=repo_id,
+    )
+
+
 def push_pipeline_folder(
     folder,
     repo_id: str,
@@ -282,15 +308,8 @@ def push_pipeline_folder(
 
     folder = Path(folder)
     check_pipeline_folder(folder)
-    facts = recorded_facts(folder)
     repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    write_model_card(
-        folder,
-        stages=facts.get("stages"),
-        metrics={**(facts.get("metrics") or {}), **(metrics or {})},
-        extra={**(facts.get("extra") or {}), **(extra or {})},
-        repo_id=repo_id,
-    )
+    update_model_card(folder, metrics=metrics, extra=extra, repo_id=repo_id)
     return upload_folder(
         repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message, create_pr=create_pr
     )

@@ -11,8 +11,8 @@ from pokediff.config import DataConfig
 from pokediff.data import SpriteDataset, load_splits
 from pokediff.eval import METRIC_KEYS, PixelFeatures, validate_result
 from pokediff.eval.__main__ import cli, main
+from pokediff.eval.color import target_color
 from pokediff.eval.prompts import FREEFORM_PROMPTS
-from pokediff.eval.runner import _target_color
 from pokediff.eval.samples import MANIFEST_NAME, SampleRecord, load_samples, pack_samples, read_run_info, to_uint8
 
 
@@ -39,7 +39,7 @@ def real_val(tiny_data_root):
                     file=f"val_{i:03d}_{k}.webp",
                     prompt=caption,
                     seed=2 * i + k,
-                    target_color=_target_color(rows[i], caption),
+                    target_color=target_color(rows[i], caption),
                     source="val",
                     row=i,
                 )

@@ -361,7 +361,7 @@ def _load_in_fresh_interpreter(folder, way, tmp_path) -> tuple[dict, torch.Tenso
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "might require the following packages" not in done.stderr  # diffusers' warning for missing imports
-    return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
+    return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out, weights_only=True)
 
 
 def _reference_images(pipe):

@@ -36,6 +36,12 @@ def color_in_text(text: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def target_color(row: dict, caption: str) -> str | None:
+    """The colour a prompt asks for: the metadata row's colour when it is one of ours, else one named in the caption."""
+    color = str(row.get("color") or "").strip().lower()
+    return color if color in COLOR_NAMES else color_in_text(caption)
+
+
 def _as_array(image) -> np.ndarray:
     """(H, W, C) float in [0, 1], C = 3 or 4, from a PIL image, a (C,H,W) tensor in [0,1] or an HWC array."""
     if isinstance(image, Image.Image):

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from pokediff.config import DataConfig, config_from_dict, load_config, nest
-from pokediff.data import COLOR_NAMES, SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
+from pokediff.data import SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
 from pokediff.device import resolve_device
 from pokediff.images import save_image_grid
 
-from .color import agreement_from_predictions, color_in_text, dominant_color
+from .color import agreement_from_predictions, dominant_color, target_color
 from .diversity import grouped_diversity
 from .fid import extract_features, frechet_distance, kernel_inception_distance
 from .inception import FEATURE_NETS, load_feature_net
@@ -174,11 +174,6 @@ def _rows_for(split_ds, num: int, seed: int) -> list[int]:
     return [int(order[i % len(order)]) for i in range(num)]
 
 
-def _target_color(row: dict, caption: str) -> str | None:
-    color = str(row.get("color") or "").strip().lower()
-    return color if color in COLOR_NAMES else color_in_text(caption)
-
-
 def _primary_type(row: dict) -> str | None:
     first = str(row.get("types") or "").split("|")[0].strip().lower()
     return first if first in TYPE_NAMES else None
@@ -311,7 +306,7 @@ def _split_rows(split_ds, data_cfg: DataConfig) -> _SplitRows:
     rows = records.to_list()
     return _SplitRows(
         captions,
-        [_target_color(row, caption) for row, caption in zip(rows, captions)],
+        [target_color(row, caption) for row, caption in zip(rows, captions)],
         [_primary_type(row) for row in rows],
     )
 

@@ -74,11 +74,26 @@ class DiffusionSampler:
         desc: str = "sampling",
     ):
         """Yields batches (B, 3, H, W) in [0, 1] on the CPU, one image per prompt."""
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = prompts[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-            images = self.pipeline(chunk, generator=generators, output_type="pt", **self.call_kwargs).images
-            yield images.float().cpu()
+        yield from pipeline_batches(self.pipeline, prompts, seed, batch_size, progress, desc, **self.call_kwargs)
+
+
+@torch.no_grad()
+def pipeline_batches(
+    pipeline,
+    prompts: list[str],
+    seed: int,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "sampling",
+    **call_kwargs,
+):
+    """Batches (B, 3, H, W) in [0, 1] on the CPU from a text-to-image pipeline, one image per prompt; sample k is
+    drawn with seed + k whatever the batch size, so a subset or another batching gives the same images."""
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
+        images = pipeline(chunk, generator=generators, output_type="pt", **call_kwargs).images
+        yield images.float().cpu()
 
 
 def _generator_is_conditional(meta: dict) -> bool:

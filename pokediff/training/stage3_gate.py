@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from pokediff.data import COLOR_NAMES
-from pokediff.eval.color import agreement_from_predictions, color_in_text, dominant_color
+from pokediff.eval.color import agreement_from_predictions, dominant_color, target_color
+from pokediff.eval.sampling import pipeline_batches
 from pokediff.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,8 @@ GATE_KEY = "gate"
 
 def judge_prompts(records: list[dict], captions: list[str], num: int, seed: int) -> tuple[list[str], list[str]]:
     """(prompts, target colours): ``num`` captions that name a colour, a seeded choice among ``records``."""
-    named = []
-    for row, caption in zip(records, captions):
-        colour = str(row.get("color") or "").strip().lower()
-        colour = colour if colour in COLOR_NAMES else color_in_text(caption)
-        if colour is not None:
-            named.append((caption, colour))
+    targets = (target_color(row, caption) for row, caption in zip(records, captions))
+    named = [(caption, colour) for caption, colour in zip(captions, targets) if colour is not None]
     order = torch.randperm(len(named), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen = [named[i] for i in order[:num]]
     return [c for c, _ in chosen], [t for _, t in chosen]
@@ -43,12 +39,8 @@ def judge_prompts(records: list[dict], captions: list[str], num: int, seed: int)
 def colour_agreement(pipe, prompts: list[str], targets: list[str], seed: int, batch_size: int) -> float:
     """Share of samples whose dominant colour is the one the prompt names; sample k is drawn with seed + k."""
     background = list(pipe.config.background)
-    predicted = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-        images = pipe(chunk, generator=generators, output_type="pt").images.float().cpu()
-        predicted.extend(dominant_color(image, background) for image in images)
+    batches = pipeline_batches(pipe, prompts, seed, batch_size)
+    predicted = [dominant_color(image, background) for images in batches for image in images]
     return agreement_from_predictions(predicted, targets)["accuracy"]
 
 
@@ -61,7 +53,6 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     """Judge ``<run>/pipeline`` (stage 3's text encoder) against the pretrained text encoder; put the pretrained
     one back when stage 3 does not win. Records the verdict in ``<run>/stage3_metrics.json``; returns it."""
     from pokediff.data import load_splits
-    from pokediff.hub import recorded_facts, write_model_card
     from pokediff.models.text import load_text_encoder
     from pokediff.pipeline import PokeSpritePipeline
     from pokediff.training.checkpoints import atomic_save_pretrained
@@ -92,7 +83,7 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         }
         if kept == "stage2":
             atomic_save_pretrained(pretrained, pipeline_dir / "text_encoder")
-        _record_on_card(pipeline_dir, verdict, recorded_facts, write_model_card)
+        _record_on_card(pipeline_dir, verdict)
     metrics_path = run / METRICS_FILE
     report = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     report[GATE_KEY] = verdict
@@ -110,25 +101,19 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     return verdict
 
 
-def _record_on_card(pipeline_dir: Path, verdict: dict, recorded_facts, write_model_card) -> None:
+def _record_on_card(pipeline_dir: Path, verdict: dict) -> None:
     """The model card says what the pipeline holds: with stage 2's text encoder kept, it no longer claims a
     fine-tuned one (stage 3 ran, but its weights are not these)."""
-    facts = recorded_facts(pipeline_dir)
-    stages = {int(k): v for k, v in (facts.get("stages") or {}).items()}
-    if verdict["kept"] == "stage2":
-        stages.pop(3, None)
+    from pokediff.hub import update_model_card
+
+    kept_stage3 = verdict["kept"] == "stage3"
     line = (
         f"colour agreement {verdict['stage2_text_encoder']:.3f} with the pretrained text encoder, "
         f"{verdict['stage3_text_encoder']:.3f} with stage 3's: "
         + (
             "stage 3's text encoder is kept"
-            if verdict["kept"] == "stage3"
+            if kept_stage3
             else "stage 3 ran but did not help, so this pipeline keeps the pretrained text encoder"
         )
     )
-    write_model_card(
-        pipeline_dir,
-        stages=stages if facts.get("stages") is not None else None,
-        metrics=facts.get("metrics"),
-        extra={**(facts.get("extra") or {}), "stage 3 gate": line},
-    )
+    update_model_card(pipeline_dir, drop_stages=() if kept_stage3 else (3,), extra={"stage 3 gate": line})
