@@ -3,7 +3,6 @@ page in a real browser (Debian's chromium driven by playwright)."""
 
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,18 +14,17 @@ from PIL import Image
 from tiny import tiny_pipeline
 
 from pokediff import app
-from pokediff.app import ANY_TYPE, MAX_PROMPT_CHARS, SpriteDemo, build_demo, launch
+from pokediff.app import (
+    ANY_TYPE,
+    HEADLESS_CHROMIUM_ARGS,
+    MAX_PROMPT_CHARS,
+    SpriteDemo,
+    build_demo,
+    free_port,
+    launch,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "outputs" / "test-artifacts"
 
 
@@ -183,10 +181,6 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------ (2) the served app
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +263,7 @@ def test_page_in_a_real_browser_generates_sprites_offline(server):
     requests = []
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=HEADLESS_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda r: requests.append(r.url))
