@@ -15,7 +15,6 @@ reconstruction grid's path, so the grids can be compared by eye too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output-dir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--output", help="write the JSON here too")
+    parser.add_argument(
+        "--kid-floor",
+        action="store_true",
+        help="also score each VAE's reconstructions of the train split by KID (benchmarks/vae_kid_floor.py)",
+    )
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]
     out_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="vae_recipe_"))
@@ -80,6 +84,7 @@ def main(argv=None) -> dict:
 
     # imported only now: loading torch and the networks would slow the runs above
     from vae_cross_attention import score
+    from vae_kid_floor import emit_json, kid_floor
 
     from pokediff.config import load_config
 
@@ -94,12 +99,12 @@ def main(argv=None) -> dict:
             "train_wall_s": wall[name],
             "grid": str(grids[-1]) if grids else None,
         }
+    if args.kid_floor:
+        floors = kid_floor(load_config(args.config).data, [out_dir / name / "vae" for name, _ in variants])
+        for name, _ in variants:
+            results[name]["reconstruction_kid_vs_train"] = floors["vaes"][str(out_dir / name / "vae")]["kid"]
     summary = {"config": args.config, "max_steps": args.max_steps, "variants": results}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-    return summary
+    return emit_json(summary, args.output)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,8 @@ class RuntimeConfig:
     # N > 1 keeps the GPU stream free of per-step syncs: non-finite steps are neutralised on the device
     sync_every_steps: int = 1
     cpu: bool = False
-    # intra-op CPU threads per process (0: torch's default). Small tensors are overhead-bound: on 2 cores one
-    # thread per process is faster than two fighting over a barrier whenever anything else runs
+    # intra-op CPU threads per process; 0: on a CPU, the machine's cores shared among the processes (accelerate
+    # launch alone would leave one thread). On 2 cores busy with other jobs, 1 beats 2 fighting over a barrier
     num_threads: int = 0
 
 
@@ -167,6 +167,12 @@ class Stage1Config:
     # every channel at unit variance; false: one global scaling_factor as Stable Diffusion 1.x
     per_channel_latent_norm: bool = False
     num_sample_images: int = 8  # fixed val images in the reconstruction grids
+    # PatchGAN hinge term on the reconstruction, as Stable Diffusion's VAE has (0: off). From
+    # adversarial_start_step on, a discriminator learns real vs reconstruction and the VAE's loss gains
+    # adversarial_weight * -mean(D(reconstruction)): L1 + perceptual alone settle on a blurry average
+    adversarial_weight: float = 0.0
+    adversarial_start_step: int = 0
+    discriminator_learning_rate: float = 2e-4
 
 
 @dataclass
@@ -595,7 +601,9 @@ def _check_stages(c: ConfigChecker) -> None:
         c.non_negative(f"{stage}.weight_decay")
         c.fraction(f"{stage}.warmup_fraction", low_open=True, high_open=True)  # OneCycleLR's pct_start
     c.non_negative("stage1.l1_weight", "stage1.perceptual_weight", "stage1.kl_weight", "stage1.free_bits")
-    c.ints_at_least(0, "stage1.kl_anneal_epochs")
+    c.ints_at_least(0, "stage1.kl_anneal_epochs", "stage1.adversarial_start_step")
+    c.non_negative("stage1.adversarial_weight")
+    c.positive("stage1.discriminator_learning_rate")
     c.ints_at_least(1, "stage1.num_sample_images", "stage2.sample_images_per_prompt", "stage3.eval_num_prompts")
     c.ints_at_least(0, "stage3.gate_samples")
     if c.value("stage1.l1_weight") + c.value("stage1.perceptual_weight") == 0:

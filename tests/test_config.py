@@ -106,6 +106,12 @@ def test_resolved_config_round_trips(tmp_path):
         ("runtime.max_steps=0", "runtime.max_steps=0: must be an integer >= 1 (or null)"),
         ("runtime.mixed_precision=fp8", "runtime.mixed_precision='fp8': must be one of auto, no, fp16, bf16"),
         ("stage1.kl_weight=-0.1", "stage1.kl_weight=-0.1: must be a finite number >= 0"),
+        ("stage1.adversarial_weight=-0.1", "stage1.adversarial_weight=-0.1: must be a finite number >= 0"),
+        ("stage1.adversarial_start_step=-5", "stage1.adversarial_start_step=-5: must be an integer >= 0"),
+        (
+            "stage1.discriminator_learning_rate=0",
+            "stage1.discriminator_learning_rate=0.0: must be a finite number > 0",
+        ),
         ("scheduler.guidance_scale=0.5", "scheduler.guidance_scale=0.5: must be a finite number >= 1"),
         ("stage2.ema_decay=1", "stage2.ema_decay=1.0: must be a number in [0, 1)"),
         ("data.background=[255, 255]", "data.background=[255, 255]: must be three integers in [0, 255] (R, G, B)"),

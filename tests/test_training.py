@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 from tiny import TINY_TEXT_DIM, save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_vae
 
 from pokediff.config import load_config
+from pokediff.models.patch_discriminator import PatchDiscriminator
 from pokediff.training import checkpoints, guards, seeding, setup
 from pokediff.training.checkpoints import CheckpointManager, TrainingState
 from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard, NonFiniteLossError
 from pokediff.training.metrics import LossLogger, read_losses
 from pokediff.training.stage1_vae import (
+    AdversarialTerm,
     VAETrainingModule,
     _vae_losses,
     kl_weight_at,
@@ -111,6 +113,32 @@ def test_stage1_perceptual_term_enters_the_loss(tiny_data_root, text_encoder_dir
     expected = 2.0 * perceptual(recon, batch["pixel_values"]).mean()
     assert (with_p - without).item() == pytest.approx(expected.item(), rel=1e-4)
     assert parts["perceptual"].item() == pytest.approx(expected.item() / 2.0, rel=1e-4)
+
+
+def test_adversarial_term_trains_the_discriminator_from_its_start_step(tiny_data_root, text_encoder_dir, tmp_path):
+    cfg = make_cfg(tiny_data_root, text_encoder_dir, tmp_path)
+    real = fixed_batch(cfg)["pixel_values"]
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(real, 4), scale_factor=4.0)
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(base_channels=8)
+    optimizer = torch.optim.AdamW(discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    term = AdversarialTerm(Accelerator(cpu=True), discriminator, optimizer, weight=0.5, start_step=3)
+    before = [p.detach().clone() for p in discriminator.parameters()]
+
+    recon = blurred.clone().requires_grad_(True)
+    loss, parts = term(real, recon, step=2)
+    assert loss.item() == 0.0 and parts == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))  # untrained before its start
+
+    d_losses = []
+    for step in range(3, 33):
+        loss, parts = term(real, recon, step=step)
+        d_losses.append(parts["d_loss"].item())
+    assert not all(torch.equal(a, b) for a, b in zip(before, discriminator.parameters()))
+    assert d_losses[-1] < 0.5 * d_losses[0], d_losses  # it learns to tell the sprites from their blur
+    assert loss.item() == pytest.approx(0.5 * parts["g_loss"].item())
+    loss.backward()  # the VAE's term reaches the reconstruction
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("prediction_type,gamma", [("epsilon", None), ("v_prediction", 5.0)])
@@ -306,6 +334,27 @@ def test_mixed_precision_resolution():
         setup.resolve_mixed_precision("fp8", on_cpu=True)
 
 
+def test_cpu_threads_per_process():
+    # a set value wins; 0 shares the cores among the processes instead of accelerate launch's OMP_NUM_THREADS=1
+    assert setup.cpu_threads_per_process(3, num_processes=1, cores=2) == 3
+    assert setup.cpu_threads_per_process(0, num_processes=1, cores=2) == 2
+    assert setup.cpu_threads_per_process(0, num_processes=2, cores=8) == 4
+    assert setup.cpu_threads_per_process(0, num_processes=4, cores=2) == 1
+
+
+def test_build_accelerator_sets_the_cpu_thread_count(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(setup.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    try:
+        for threads, expected in ((0, 3), (1, 1)):
+            overrides = {"runtime.num_threads": threads, "runtime.output_dir": str(tmp_path), "runtime.cpu": True}
+            cfg = load_config(overrides=overrides)
+            setup.build_accelerator(cfg)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 # -------------------------------------------------------------------------------- whole stages
 def _state(run, stage):
     latest = sorted((run / "checkpoints" / stage).glob("checkpoint-*"))[-1]
@@ -328,9 +377,12 @@ def _interrupt_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(CheckpointManager, "save", save)
 
 
-def test_stage1_resume_matches_an_uninterrupted_run(tiny_data_root, text_encoder_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("adversarial", [{}, {"stage1.adversarial_weight": 0.1, "stage1.adversarial_start_step": 2}])
+def test_stage1_resume_matches_an_uninterrupted_run(
+    tiny_data_root, text_encoder_dir, tmp_path, monkeypatch, adversarial
+):
     # ~20 train sprites / batch 4 = 4-5 steps per epoch: interrupted mid-epoch at step 3, ends in epoch 2
-    extra = {"stage1.epochs": 2, "runtime.max_steps": 7, "runtime.checkpoint_every_steps": 3}
+    extra = {"stage1.epochs": 2, "runtime.max_steps": 7, "runtime.checkpoint_every_steps": 3, **adversarial}
     full = train_stage1(make_cfg(tiny_data_root, text_encoder_dir, tmp_path / "a", **extra))
 
     cfg = make_cfg(tiny_data_root, text_encoder_dir, tmp_path / "b", **extra)
@@ -356,6 +408,12 @@ def test_stage1_resume_matches_an_uninterrupted_run(tiny_data_root, text_encoder
     assert scaling != 1.0 and math.isfinite(scaling)
     steps = [r["step"] for r in read_losses(tmp_path / "b" / "pokediff" / "losses.csv") if r["metric"] == "loss"]
     assert steps == list(range(1, 8))  # no step logged twice after the resume
+    if adversarial:  # the discriminator and its optimizer travel in the checkpoint, and it trained from step 2
+        d_a, d_b = load_file(ckpt_a / "model_1.safetensors"), load_file(ckpt_b / "model_1.safetensors")
+        assert d_a.keys() and all(torch.equal(d_a[k], d_b[k]) for k in d_a)
+        rows = read_losses(tmp_path / "b" / "pokediff" / "losses.csv")
+        # rows carry the step count after the update: the update at step 2 (0-based) is row 3
+        assert [r["step"] for r in rows if r["metric"] == "d_loss"] == list(range(3, 8))
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,7 @@ def tiny_config_overrides(data_root, text_encoder_path, output_dir) -> dict:
         "runtime.report_to": "none",
         "runtime.mixed_precision": "no",
         "runtime.cpu": True,
+        "runtime.num_threads": 1,  # as conftest.py: 0 would hand the rest of the session all cores
         "stage1.batch_size": 4,
         "stage1.epochs": 1,
         "stage2.batch_size": 4,

@@ -179,7 +179,7 @@ class SpriteVAE(ModelMixin, ConfigMixin):
         """Latents (B, latent_channels, h, w) -> ``DecoderOutput(sample)`` in about [-1, 1].
 
         When ``h, w`` are the latent size of ``sample_size`` (27 for 215) the output is cropped to
-        ``sample_size``; other latent sizes decode to ``h * 8`` pixels.
+        ``sample_size``; other latent sizes decode to ``h * downsample_factor`` pixels.
         """
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(

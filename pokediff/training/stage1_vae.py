@@ -1,5 +1,5 @@
-"""Stage 1: train the sprite VAE (L1 + perceptual + annealed KL with free bits), keep the best by val loss,
-then set its latent scaling factor to 1/std of the training latents."""
+"""Stage 1: train the sprite VAE (L1 + perceptual + annealed KL with free bits, optionally a PatchGAN term),
+keep the best by val loss, then set its latent scaling factor to 1/std of the training latents."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pokediff.data import SpriteDataset, build_dataloader, collate_sprites, load_splits, tokenize_captions
 from pokediff.errors import NoUsableWeightsError
 from pokediff.images import save_image_grid
+from pokediff.models.patch_discriminator import PatchDiscriminator
 from pokediff.models.perceptual import load_perceptual
 from pokediff.models.vae import SpriteVAE, build_vae
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
@@ -117,6 +119,37 @@ def _vae_losses(
     return loss, {"l1": l1.detach(), "perceptual": perc.detach(), "kl": kl_raw.detach()}, recon
 
 
+class AdversarialTerm:
+    """Stable Diffusion's VAE GAN term: a PatchGAN learns real vs reconstruction with the hinge loss, and the
+    VAE is pushed towards what it calls real, both from ``start_step`` on (a fixed weight, not SD's adaptive
+    one: that needs two extra backward passes through the decoder, too dear on a CPU)."""
+
+    def __init__(self, accelerator, discriminator, optimizer, *, weight: float, start_step: int):
+        self.accelerator, self.discriminator, self.optimizer = accelerator, discriminator, optimizer
+        self.weight, self.start_step = weight, start_step
+
+    def discriminator_step(self, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """One update of the discriminator; returns its hinge loss (detached)."""
+        # one forward over real and fake together: one forward per backward, as DDP wants
+        logits = self.discriminator(torch.cat([real, recon.detach()]).float())
+        logits_real, logits_fake = logits.chunk(2)
+        loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        # the VAE's backward also reaches the discriminator: clear it, so nothing stale waits for its next step
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def __call__(self, real: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """(the VAE's adversarial loss, logged parts); zero and untrained before ``start_step``."""
+        if step < self.start_step:
+            return torch.zeros((), device=recon.device), {}
+        d_loss = self.discriminator_step(real, recon)
+        g_loss = -self.discriminator(recon.float()).mean()
+        return self.weight * g_loss, {"d_loss": d_loss, "g_loss": g_loss.detach()}
+
+
 class VAELoss:
     """Stage 1's training loss: L1 + perceptual + KL with free bits, the KL weight annealed by step."""
 
@@ -132,8 +165,9 @@ class VAELoss:
         kl_anneal_epochs: float,
         free_bits: float,
         updates_per_epoch: int,
+        adversarial: AdversarialTerm | None = None,
     ):
-        self.module, self.perceptual, self.text = module, perceptual, text
+        self.module, self.perceptual, self.text, self.adversarial = module, perceptual, text, adversarial
         self.l1_weight, self.perceptual_weight, self.free_bits = l1_weight, perceptual_weight, free_bits
         self.kl_weight, self.kl_anneal_epochs = kl_weight, kl_anneal_epochs
         self.updates_per_epoch = updates_per_epoch
@@ -141,7 +175,7 @@ class VAELoss:
     def __call__(self, batch, step: int):
         kl_weight = kl_weight_at(step, self.updates_per_epoch, self.kl_weight, self.kl_anneal_epochs)
         # positional: tests wrap _vae_losses as (module, batch, *args)
-        loss, parts, _ = _vae_losses(
+        loss, parts, recon = _vae_losses(
             self.module,
             batch,
             self.perceptual,
@@ -152,6 +186,9 @@ class VAELoss:
             self.perceptual_weight,
             self.free_bits,
         )
+        if self.adversarial is not None:
+            adversarial_loss, adversarial_parts = self.adversarial(batch["pixel_values"], recon, step)
+            loss, parts = loss + adversarial_loss, {**parts, **adversarial_parts}
         return loss, {**parts, "kl_weight": kl_weight}
 
 
@@ -246,6 +283,15 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=s1.learning_rate, weight_decay=s1.weight_decay)
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    adversarial = None
+    if s1.adversarial_weight > 0:
+        # prepared before the checkpoint is resolved, so save_state / load_state carry it with the VAE
+        discriminator = PatchDiscriminator()
+        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=s1.discriminator_learning_rate, betas=(0.5, 0.9))
+        discriminator, d_optimizer = accelerator.prepare(discriminator, d_optimizer)
+        adversarial = AdversarialTerm(
+            accelerator, discriminator, d_optimizer, weight=s1.adversarial_weight, start_step=s1.adversarial_start_step
+        )
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     training = start_training(
         accelerator,
@@ -276,6 +322,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         kl_anneal_epochs=s1.kl_anneal_epochs,
         free_bits=s1.free_bits,
         updates_per_epoch=training.updates_per_epoch,
+        adversarial=adversarial,
     )
 
     fixed = next(iter(build_dataloader(cfg.data, "val", s1.num_sample_images, shuffle=False, dataset=splits["val"])))
