@@ -3,9 +3,9 @@
 
     python benchmarks/vae_kid_floor.py RUN/vae [RUN2/vae ...] --config configs/cpu.yaml
 
-A latent diffusion model draws through the decoder, so its samples cannot look more like the training set than
-``decode(mode(encode(x)))`` of the training set itself does: this is the KID a perfect stage 2 would reach with
-this VAE, on the same footing as the CPU protocol's KID (TF-Inception features, the cached reference features
+A latent diffusion model draws through the decoder: ``decode(mode(encode(x)))`` of the training set is what a
+stage 2 that reproduced the training latents exactly would give, so its KID is in practice a floor for samples
+drawn through this VAE (not a strict bound), on the same footing as the CPU protocol's KID (TF-Inception features, the cached reference features
 of the train split at the config's resolution). Prints JSON, one entry per VAE folder.
 """
 
