@@ -15,7 +15,6 @@ pipeline/ (a ``PokeSpritePipeline`` that ``from_pretrained`` loads).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -133,8 +132,10 @@ def push_pipeline(cfg, pipeline_dir: Path) -> str:
 
 def _final_step(run: Path, stage: int) -> int | None:
     """The optimizer steps of ``stage`` in ``run``: its newest checkpoint's ``global_step`` (None without one)."""
-    states = sorted((run / "checkpoints" / f"stage{stage}").glob("checkpoint-*/training_state.json"))
-    return json.loads(states[-1].read_text()).get("global_step") if states else None
+    from pokediff.training.checkpoints import TRAINING_STATE_NAME, TrainingState, list_checkpoints
+
+    found = list_checkpoints(run / "checkpoints" / f"stage{stage}")
+    return TrainingState.read(found[-1] / TRAINING_STATE_NAME).global_step if found else None
 
 
 def record_stages_on_card(pipeline_dir: Path, run: Path, ran: list[int]) -> None:

@@ -63,6 +63,15 @@ class TrainingState:
             raise CheckpointError(f"checkpoint file {path} is damaged: {err}") from err
 
 
+def list_checkpoints(folder) -> list[Path]:
+    """The complete ``checkpoint-<step>`` folders in ``folder`` (no half-written temporaries), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 class CheckpointManager:
     """Atomic ``accelerator.save_state`` checkpoints in ``<run>/checkpoints/<stage>/checkpoint-<step>``.
 
@@ -120,10 +129,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ listing
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-        return [p for _, p in sorted(found)]
+        return list_checkpoints(self.folder)
 
     def latest(self) -> Optional[Path]:
         found = self.checkpoints()

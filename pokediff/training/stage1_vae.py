@@ -137,16 +137,24 @@ class AdversarialTerm:
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.optimizer.step()
-        # the VAE's backward also reaches the discriminator: clear it, so nothing stale waits for its next step
-        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def generator_loss(self, recon: torch.Tensor) -> torch.Tensor:
+        """-mean(D(recon)), differentiable in ``recon`` only: the VAE's backward computes no discriminator
+        gradients (nor, through the unwrapped module, a DDP all-reduce of them)."""
+        discriminator = self.accelerator.unwrap_model(self.discriminator)
+        discriminator.requires_grad_(False)  # recorded at forward time, so it holds for the later backward
+        try:
+            return -discriminator(recon.float()).mean()
+        finally:
+            discriminator.requires_grad_(True)
 
     def __call__(self, real: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """(the VAE's adversarial loss, logged parts); zero and untrained before ``start_step``."""
         if step < self.start_step:
             return torch.zeros((), device=recon.device), {}
         d_loss = self.discriminator_step(real, recon)
-        g_loss = -self.discriminator(recon.float()).mean()
+        g_loss = self.generator_loss(recon)
         return self.weight * g_loss, {"d_loss": d_loss, "g_loss": g_loss.detach()}
 
 
