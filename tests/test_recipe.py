@@ -1,14 +1,17 @@
 """The quality recipe's pieces: caption variants, their cache and sampling, jitter that spares the background."""
 
+import logging
+
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_text_encoder
 
 from pokediff.config import load_config
 from pokediff.data import SpriteDataset, SpriteTransform, load_splits
 from pokediff.data.captions import SHAPE_PHRASES, body_description, caption_variants
 from pokediff.eval.color import color_in_text
-from pokediff.training.stage2_unet import LatentTextCache, log_latent_range
+from pokediff.training.stage2_unet import LatentTextCache, encode_texts, log_latent_range
 
 BULBASAUR = {
     "name": "Bulbasaur",
@@ -143,3 +146,16 @@ def test_per_channel_latent_scaling_round_trips_and_whitens_each_channel():
     scaled = vae.scale_latents(samples).transpose(0, 1).flatten(1)
     assert torch.allclose(scaled.mean(dim=1), torch.zeros(len(mean)), atol=1e-4)
     assert torch.allclose(scaled.std(dim=1, unbiased=False), torch.ones(len(mean)), atol=1e-3)
+
+
+def test_encode_texts_warns_once_and_matches_one_at_a_time_encoding(caplog):
+    tokenizer, encoder = tiny_text_encoder()
+    captions = [f"a {colour} creature " + "with a long tail " * 8 for colour in ("red", "blue", "green")] + ["a cat"]
+    with caplog.at_level(logging.WARNING):
+        embeds, masks = encode_texts(tokenizer, encoder, captions, max_length=16, device="cpu", batch_size=2)
+    assert caplog.text.count("longer than 16 tokens") == 1 and "3 of 4 captions" in caplog.text
+    assert embeds.shape == (4, 16, encoder.config.hidden_size) and masks.shape == (4, 16)
+    for i, caption in enumerate(captions):
+        alone, alone_mask = encode_texts(tokenizer, encoder, [caption], max_length=16, device="cpu")
+        assert torch.equal(alone_mask[0], masks[i])
+        torch.testing.assert_close(alone[0], embeds[i], atol=1e-5, rtol=1e-5)

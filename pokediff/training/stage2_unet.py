@@ -80,13 +80,13 @@ class LatentTextCache:
 @torch.no_grad()
 def encode_texts(tokenizer, text_encoder, captions: list[str], max_length: int, device, batch_size: int = 64):
     """(embeddings (N, L, D), attention masks (N, L)) of ``captions``."""
-    embeds, masks = [], []
+    tokens = tokenize_captions(tokenizer, captions, max_length)  # all at once: one truncation warning, not one a batch
+    embeds = []
     for start in range(0, len(captions), batch_size):
-        tokens = tokenize_captions(tokenizer, captions[start : start + batch_size], max_length)
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        ids = tokens["input_ids"][start : start + batch_size].to(device)
+        mask = tokens["attention_mask"][start : start + batch_size].to(device)
         embeds.append(text_encoder(ids, attention_mask=mask).last_hidden_state.float())
-        masks.append(mask)
-    return torch.cat(embeds), torch.cat(masks)
+    return torch.cat(embeds), tokens["attention_mask"].to(device)
 
 
 @torch.no_grad()
