@@ -73,6 +73,7 @@ class DataConfig:
     augment: bool = True  # train split only; val/test never augment
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
+    cache_images: bool = True  # keep each decoded, resized sprite in memory (R x R x 4 bytes each, per worker)
 
 
 @dataclass

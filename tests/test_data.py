@@ -9,12 +9,14 @@ from PIL import Image
 from pokediff.config import load_config
 from pokediff.data import (
     BadDataError,
+    SpriteDataset,
     SpriteTransform,
     build_dataloader,
     composite_on_background,
     data_stats,
     diff_augment,
     drop_captions,
+    load_splits,
     load_sprite_dataset,
     pad_to_square_and_resize,
     split_assignment,
@@ -113,6 +115,21 @@ def test_dataloader_batches(tiny_data_root):
     assert batch["type_id"].dtype == torch.long and (batch["type_id"] >= 0).all()
     with pytest.raises(ValueError, match="split must be one of"):
         build_dataloader(cfg, "validation", batch_size=4)
+
+
+def test_cached_sprites_give_the_same_items_and_stay_unmodified(tiny_data_root):
+    cached_cfg = data_cfg(tiny_data_root, resolution=32, cache_images=True)
+    split = load_splits(cached_cfg)["train"]
+    for train in (False, True):
+        cached = SpriteDataset(split, cached_cfg, train=train)
+        plain = SpriteDataset(split, data_cfg(tiny_data_root, resolution=32, cache_images=False), train=train)
+        for epoch in range(2):  # the second epoch reads the cache, after the first one's augmentations
+            for index in range(3):
+                torch.manual_seed(100 * epoch + index)
+                expected = plain[index]["pixel_values"]
+                torch.manual_seed(100 * epoch + index)
+                assert torch.equal(cached[index]["pixel_values"], expected)
+        assert sorted(cached._prepared) == [0, 1, 2] and plain._prepared == {}
 
 
 def test_tokenizer_max_length_and_truncation_warning(caplog):

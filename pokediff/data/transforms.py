@@ -106,14 +106,19 @@ class SpriteTransform:
                 image = self.color_jitter(image)
         return image
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """The deterministic part: 8-bit, trimmed, padded and resized to R x R (RGBA kept); safe to cache."""
         image = to_8bit(image)
         if self.trim:
             image = trim_to_alpha(image)
         if image.mode not in ("RGBA", "RGB"):
             image = image.convert("RGBA") if "transparency" in image.info or "A" in image.mode else image.convert("RGB")
-        image = pad_to_square_and_resize(image, self.resolution, self.background)
-        if self.train:
-            image = self._augment(image)
-        image = composite_on_background(image, self.background)
-        return to_tensor_minus1_1(image)
+        return pad_to_square_and_resize(image, self.resolution, self.background)
+
+    def finish(self, prepared: Image.Image) -> torch.Tensor:
+        """Augment (train only), composite and convert an image from ``prepare``; never modifies it."""
+        image = self._augment(prepared) if self.train else prepared
+        return to_tensor_minus1_1(composite_on_background(image, self.background))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.finish(self.prepare(image))
