@@ -138,6 +138,17 @@ def _final_step(run: Path, stage: int) -> int | None:
     return TrainingState.read(found[-1] / TRAINING_STATE_NAME).global_step if found else None
 
 
+def _stopped_early(run: Path, stage: int) -> bool:
+    """Whether ``stage``'s newest checkpoint is short of its schedule (a time limit stopped it)."""
+    from pokediff.training.checkpoints import TRAINING_STATE_NAME, TrainingState, list_checkpoints
+
+    found = list_checkpoints(run / "checkpoints" / f"stage{stage}")
+    if not found:
+        return False
+    state = TrainingState.read(found[-1] / TRAINING_STATE_NAME)
+    return state.global_step < state.total_steps
+
+
 def record_stages_on_card(pipeline_dir: Path, run: Path, ran: list[int]) -> None:
     """Add the earlier stages this command trained to the pipeline's card. Each stage saves the pipeline knowing
     only itself (stage 3 does not know whether stage 1 ran a minute ago or in another run); the command does.
@@ -194,6 +205,12 @@ def main(argv=None, accelerator=None) -> dict:
             print(format_plan(plan))
         return {"plan": plan}
 
+    from accelerate import PartialState
+
+    from pokediff.training.plan import check_data_fits
+
+    # a batch larger than the data, or a split the filters emptied, is refused before any work
+    check_data_fits(cfg, stages, accelerator.num_processes if accelerator is not None else PartialState().num_processes)
     own_accelerator = accelerator is None
     accelerator = build_accelerator(cfg, accelerator)
     outputs: dict = {}
@@ -202,11 +219,17 @@ def main(argv=None, accelerator=None) -> dict:
         from pokediff.training.stage1_vae import train_stage1
 
         vae_path = outputs["vae"] = train_stage1(cfg, accelerator, resume=resume_for["1"])
+        if len(stages) > 1 and _stopped_early(run, 1):
+            logger.warning("stage 1 stopped at stage1.max_minutes: later stages wait for it (--resume latest)")
+            stages = ["1"]
     if "2" in stages:
         from pokediff.training.stage2_unet import train_stage2
 
         unet_path = outputs["unet"] = train_stage2(cfg, vae_path, accelerator, resume=resume_for["2"])
         outputs["pipeline"] = run / "pipeline"
+        if "3" in stages and _stopped_early(run, 2):
+            logger.warning("stage 2 stopped at stage2.max_minutes: stage 3 waits for it (--resume latest)")
+            stages = stages[: stages.index("3")]
     if "3" in stages:
         from pokediff.training.stage3_text import train_stage3
 

@@ -7,8 +7,8 @@
     python benchmarks/cpu_protocol.py table          # markdown table of benchmarks/results/cpu_*.json
 
 ``score`` runs the project's evaluation twice with fixed seeds: against the train split (FID/KID at the
-model's resolution, the few-shot protocol) and against the val split (colour agreement on val captions and on
-free-form prompts, memorisation against the held-out level, diversity). Both results and the training wall
+model's resolution, the few-shot protocol) and against the val split (colour and body-shape agreement on val
+captions and on free-form prompts, memorisation against the held-out level, diversity). Both results and the training wall
 time land in ``benchmarks/results/cpu_<name>.json``; ``table`` prints every such file as one row.
 """
 
@@ -43,6 +43,10 @@ def score(args) -> dict:
         if len(grid):
             save_grid(grid, RESULTS / f"cpu_{args.name}_{split}.png")
         (RESULTS / f"cpu_{args.name}.json").write_text(json.dumps(out, indent=2))  # each phase as it ends
+    if args.update_card:
+        from pokediff.hub import card_metrics, update_model_card
+
+        update_model_card(args.model, metrics={**card_metrics(out["train"]), **card_metrics(out["val"])})
     print(json.dumps(row(out), indent=2))
     return out
 
@@ -64,6 +68,13 @@ def row(result: dict) -> dict:
         "color_freeform": val.get("color_agreement_freeform"),
         "color_freeform_over_real": _ratio(val.get("color_agreement_freeform"), real),
         "color_real": real,
+        # absent from results scored before the shape judge: None, printed as –
+        "shape_val": val.get("shape_agreement"),
+        "shape_val_over_real": _ratio(val.get("shape_agreement"), val.get("shape_agreement_real")),
+        "shape_freeform": val.get("shape_agreement_freeform"),
+        "shape_freeform_over_real": _ratio(val.get("shape_agreement_freeform"), val.get("shape_agreement_real")),
+        "shape_real": val.get("shape_agreement_real"),
+        "shape_majority": val.get("shape_agreement_majority"),
         "diversity": val.get("diversity"),
         "diversity_real": val.get("diversity_real_dataset"),
         "nn_train_max": val.get("nn_train_similarity_max"),
@@ -84,8 +95,9 @@ def table() -> str:
     rows = [row(json.loads(p.read_text())) for p in sorted(RESULTS.glob("cpu_*.json"))]
     lines = [
         "| model | KID×10³ vs train ↓ | FID vs train ↓ | colour agr. val (÷ real) | colour agr. free-form (÷ real) "
+        "| shape agr. val (÷ real; majority) | shape agr. free-form (÷ real) "
         "| diversity (real) | NN-train sim. max (held-out real max) | closer than real | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kid = None if r["kid_train"] is None else 1e3 * r["kid_train"]
@@ -93,6 +105,8 @@ def table() -> str:
             f"| {r['name']} | {_fmt(kid, 1)} | {_fmt(r['fid_train'], 1)} "
             f"| {_fmt(r['color_val'], 2)} ({_fmt(r['color_val_over_real'], 2)}) "
             f"| {_fmt(r['color_freeform'], 2)} ({_fmt(r['color_freeform_over_real'], 2)}) "
+            f"| {_fmt(r['shape_val'], 2)} ({_fmt(r['shape_val_over_real'], 2)}; {_fmt(r['shape_majority'], 2)}) "
+            f"| {_fmt(r['shape_freeform'], 2)} ({_fmt(r['shape_freeform_over_real'], 2)}) "
             f"| {_fmt(r['diversity'], 3)} ({_fmt(r['diversity_real'], 3)}) "
             f"| {_fmt(r['nn_train_max'], 3)} ({_fmt(r['nn_train_real_max'], 3)}) "
             f"| {_fmt(r['closer_than_real_max'], 2)} | {_fmt(r['train_minutes'], 1)} |"
@@ -111,6 +125,7 @@ def main(argv=None) -> int:
     s.add_argument("--train-num", type=int, default=725, help="samples for FID/KID vs train (default: the split)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--update-card", action="store_true", help="write both splits' metrics into the pipeline's card")
     sub.add_parser("table", help="print the markdown results table")
     args = parser.parse_args(argv)
     if args.command == "score":

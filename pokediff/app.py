@@ -31,7 +31,7 @@ from pokediff.data import TYPE_NAMES  # noqa: E402
 from pokediff.device import resolve_device  # noqa: E402
 from pokediff.eval.sampling import _generator_is_conditional, is_pipeline_folder  # noqa: E402
 from pokediff.hub import EXAMPLE_PROMPTS  # noqa: E402
-from pokediff.pipeline import DEFAULT_GUIDANCE_SCALE  # noqa: E402
+from pokediff.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_MODEL  # noqa: E402
 from pokediff.postprocess import add_alpha, to_pil  # noqa: E402
 from pokediff.schedulers import INFERENCE_SCHEDULERS, make_inference_scheduler  # noqa: E402
 
@@ -494,14 +494,6 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sh
 
 
 # ------------------------------------------------------------------------------------------ command line
-def default_model_path() -> Path:
-    """``<runtime.output_dir>/<runtime.experiment_name>/pipeline`` of the default config."""
-    from pokediff.config import load_config
-
-    runtime = load_config().runtime
-    return Path(runtime.output_dir).expanduser() / runtime.experiment_name / "pipeline"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pokediff.app", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -509,7 +501,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=None,
         help="pipeline folder or hub id, or GAN checkpoint/run folder; repeat for a model picker "
-        "(default: outputs/<experiment>/pipeline)",
+        f"(default: {DEFAULT_MODEL}, the model shipped in the package)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -526,19 +518,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sources = args.model
-    if not sources:
-        default = default_model_path()
-        if not (default / "model_index.json").is_file():
-            print(
-                f"error: no --model given and no trained pipeline at {default}; train one with "
-                "`accelerate launch train_3stage.py --stage all` (GPU; or add --config configs/tiny.yaml on a CPU, "
-                "then pass --model outputs/tiny/pipeline), or point at one with --model PATH "
-                "(a pipeline folder, hub id, or GAN checkpoint/run folder)",
-                file=sys.stderr,
-            )
-            return 2
-        sources = [str(default)]
+    sources = args.model or [DEFAULT_MODEL]
     if not 0 <= args.timing_steps <= MAX_STEPS:
         print(f"error: --timing-steps must be from 0 to {MAX_STEPS}, got {args.timing_steps}", file=sys.stderr)
         return 2

@@ -174,6 +174,7 @@ class Stage1Config:
     adversarial_weight: float = 0.0
     adversarial_start_step: int = 0
     discriminator_learning_rate: float = 2e-4
+    max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues
 
 
 @dataclass
@@ -189,6 +190,10 @@ class Stage2Config:
     ema_decay: float = 0.999
     latent_clamp: float = 3.0
     cache_flips: bool = True
+    max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues
+    # warm start: a U-Net folder (or a pipeline folder) of the same architecture whose weights start this run,
+    # with a fresh optimizer and schedule (how a later working period continues from committed weights)
+    init_from: Optional[str] = None
     sample_prompts: list = field(
         default_factory=lambda: [
             "A red fire type Pokémon with a four-legged body.",
@@ -607,6 +612,7 @@ def _check_stages(c: ConfigChecker) -> None:
     c.positive("stage1.discriminator_learning_rate")
     c.ints_at_least(1, "stage1.num_sample_images", "stage2.sample_images_per_prompt", "stage3.eval_num_prompts")
     c.ints_at_least(0, "stage3.gate_samples")
+    c.positive("stage1.max_minutes", "stage2.max_minutes", optional=True)
     if c.value("stage1.l1_weight") + c.value("stage1.perceptual_weight") == 0:
         c.fail(
             "stage1.l1_weight",

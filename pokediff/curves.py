@@ -24,11 +24,15 @@ class CsvLog:
         self.fields = tuple(fields)
 
     def restart(self, keep: Optional[Callable[[dict], bool]] = None) -> None:
-        """Header + the existing rows ``keep`` accepts (none when ``keep`` is None)."""
+        """Header + the existing rows ``keep`` accepts (none when ``keep`` is None). A last line without its
+        line end (a process killed mid-append) is dropped: it may be cut anywhere, even inside a number."""
         rows = []
         if keep is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if keep(r)]
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+            lines = text.splitlines(keepends=True)
+            if lines and not lines[-1].endswith(("\n", "\r")):
+                lines.pop()
+            rows = [r for r in csv.DictReader(lines) if keep(r)]
         with atomic_write(self.path) as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")

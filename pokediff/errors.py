@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import zipfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 class PokediffError(Exception):
@@ -52,11 +55,28 @@ def report_user_errors(main, *args, **kwargs):
         message = str(err)
     except OSError as err:  # a write that failed somewhere without its own check (disk full mid-run, ...)
         failure = write_failure(err.filename, err) if err.filename else None
-        if failure is None:
+        message = str(failure) if failure is not None else hub_error_message(err)  # or the hub said no
+        if message is None:
             raise
-        message = str(failure)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def hub_error_message(err: BaseException) -> str | None:
+    """One line for an error the Hugging Face Hub answered (a wrong token, a missing or private repo...), None
+    for any other error. huggingface_hub's own messages run over several lines."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if not isinstance(err, HfHubHTTPError) or err.response is None:
+        return None
+    request, status = err.response.request, err.response.status_code
+    said = "; ".join(dict.fromkeys(line.strip() for line in (err.server_message or "").splitlines() if line.strip()))
+    line = f"the hub refused {request.method} {request.url} (HTTP {status}{': ' + said if said else ''})"
+    if isinstance(err, RepositoryNotFoundError):
+        return f"{line}: no such repo, or it is private and no valid token was sent (log in: hf auth login)"
+    if status in (401, 403):
+        return f"{line}: check the token (log in: hf auth login, or set HF_TOKEN)"
+    return line
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -171,6 +191,23 @@ def verify_checkpoint_files(folder) -> None:
                     raise ValueError(f"damaged entry {bad}")
         except Exception as err:  # noqa: BLE001 - any failure to read it means the file is damaged
             raise CheckpointError(f"checkpoint file {file} is damaged: {_short(err)}") from err
+
+
+def newest_intact_checkpoint(checkpoints, check, where, flag: str = "--resume latest") -> Path:
+    """The newest of ``checkpoints`` (oldest first) that ``check(path)`` accepts (it raises ``CheckpointError`` or
+    ``FileNotFoundError`` for a damaged one). Passing over damaged ones logs one warning naming them and the one
+    chosen; ``CheckpointError`` when none is intact (``where``: the folder, ``flag``: what asked, for the message)."""
+    damaged = []
+    for path in reversed(list(checkpoints)):
+        try:
+            check(path)
+        except (CheckpointError, FileNotFoundError) as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            logger.warning("resuming from %s, the newest intact checkpoint: %s", path, "; ".join(damaged))
+        return Path(path)
+    raise CheckpointError(f"{flag}: no intact checkpoint in {where}: " + "; ".join(damaged))
 
 
 def _short(err: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Generate sprites from a saved pipeline: ``python -m pokediff.generate --model PATH "a prompt" --num 8``.
+"""Generate sprites: ``python -m pokediff.generate "a prompt" --num 8`` (the shipped model) or ``--model PATH``.
 
 Writes one PNG per sprite (``<out>_000.png``, ...) and a grid (``<out>``). Image ``k`` uses seed ``seed + k``,
 so any single sprite can be regenerated on its own.
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from pokediff.device import resolve_device
-from pokediff.errors import PokediffError, check_writable_file, write_failure
-from pokediff.pipeline import PokeSpritePipeline
+from pokediff.errors import PokediffError, check_writable_file, hub_error_message, write_failure
+from pokediff.pipeline import DEFAULT_MODEL, PokeSpritePipeline
 from pokediff.schedulers import INFERENCE_SCHEDULERS, make_inference_scheduler
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
@@ -39,7 +39,12 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pokediff.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompts", nargs="+", help='one or more captions ("" = unconditional)')
-    p.add_argument("--model", required=True, help="a saved PokeSpritePipeline folder (e.g. <run>/pipeline) or hub id")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a saved PokeSpritePipeline folder (e.g. <run>/pipeline) or hub id (default: {DEFAULT_MODEL}, "
+        "the model shipped in the package, offline)",
+    )
     p.add_argument("--num", type=int, default=8, help="sprites per prompt (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sprite; sprite k uses seed+k")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     try:
         written = generate(args)
     except (PokediffError, OSError, ValueError) as err:  # OSError: missing folder/file, or a hub id not fetched
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {hub_error_message(err) or err}", file=sys.stderr)
         return 2
     print(f"wrote {len(written) - 1} sprites and the grid {written[-1]}")
     return 0

@@ -8,9 +8,11 @@ metadata (``pokediff:``), so re-rendering the card for a hub upload keeps them.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pokediff.fileio import write_text_atomic
 from pokediff.pipeline import PIPELINE_COMPONENTS, check_pipeline_folder
@@ -21,6 +23,12 @@ EXAMPLE_PROMPTS = [
     "a round pink fairy type creature",
     "a blue water type turtle",
 ]
+
+# the dataset every metric of a card is measured on (the Hub's model-index needs a name and a type)
+EVAL_DATASET = {"dataset_type": "pokediff-pokemon-sprites", "dataset_name": "Pokémon official artwork (905, bundled)"}
+SPLITS = ("train", "val", "test")
+# an absolute path of the machine that wrote the card (/tmp/..., /home/...): a card never names one
+_LOCAL_PATH = re.compile(r"(?<![\w./])/(?:[^\s/:,;()'\"]+/)+([^\s/:,;()'\"]*)")
 
 STAGE_NAMES = {1: "stage 1 (VAE)", 2: "stage 2 (U-Net)", 3: "stage 3 (text encoder)"}
 
@@ -180,6 +188,45 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
     return "\n".join(lines)
 
 
+def _portable(value):
+    """``value`` with any absolute local path cut to its last part (``/tmp/run/domain_clip`` -> ``domain_clip``)."""
+    if isinstance(value, str):
+        return _LOCAL_PATH.sub(lambda m: m.group(1) or "<local folder>", value)
+    if isinstance(value, dict):
+        return {_portable(k): _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
+def eval_results(metrics: dict) -> list[EvalResult]:
+    """The Hub's ``model-index`` entries of ``metrics`` (name -> number); a name ending in ``_train`` / ``_val`` /
+    ``_test`` gives its split (``kid_mean_train`` is ``kid_mean`` on the train split). Non-numbers are skipped."""
+    results = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        split = next((s for s in SPLITS if name.endswith(f"_{s}")), None)
+        results.append(
+            EvalResult(
+                task_type="text-to-image",
+                **EVAL_DATASET,
+                dataset_split=split,
+                metric_type=name.removesuffix(f"_{split}") if split else name,
+                metric_name=name,
+                metric_value=value,
+            )
+        )
+    return results
+
+
+def card_metrics(result: dict) -> dict:
+    """A ``pokediff.eval`` result's measured metrics as card metrics, each named with its split
+    (``kid_mean`` on train -> ``kid_mean_train``); skipped (None) metrics are left out."""
+    split = result["split"]
+    return {f"{k}_{split}": v for k, v in result["metrics"].items() if v is not None}
+
+
 def _table(title: str, header: str, values: dict) -> str:
     rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
     return "\n".join([f"## {title}", "", f"| {header} | value |", "|---|---|", *rows, ""])
@@ -206,9 +253,14 @@ def build_model_card(
     facts = {
         "stages": dict(stages) if stages is not None else None,
         "metrics": dict(metrics or {}),
-        "extra": dict(extra or {}),
+        "extra": _portable(dict(extra or {})),
     }
+    if repo_id:
+        facts["repo_id"] = repo_id  # kept, so a later re-render (new metrics) still names it
+    results = eval_results(facts["metrics"])
     card_data = ModelCardData(
+        model_name=(repo_id or folder.name) if results else None,
+        eval_results=results or None,
         library_name="diffusers",
         license="other",
         license_name="pokemon-artwork-non-commercial",
@@ -285,7 +337,7 @@ def update_model_card(
         stages=recorded,
         metrics={**(facts.get("metrics") or {}), **(metrics or {})},
         extra={**(facts.get("extra") or {}), **(extra or {})},
-        repo_id=repo_id,
+        repo_id=repo_id or facts.get("repo_id"),
     )
 
 

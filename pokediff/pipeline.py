@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .fileio import swap_into_place
 from .postprocess import DEFAULT_RGBA_TOLERANCE, add_alpha, to_pil
+from .text_reference import load_reference_text_encoder, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,26 @@ PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 # What a saved folder carries for `trust_remote_code` loading: this file (named by model_index.json's
 # `_class_name`), the modules it imports relatively, and each custom component's module in its subfolder.
 PIPELINE_FILE = "pipeline_pokesprite"
-HELPER_FILES = ("postprocess.py", "fileio.py")
+HELPER_FILES = ("postprocess.py", "fileio.py", "text_reference.py")
+# A text encoder unchanged from a public one is saved as its name only (``text_encoder_name``): these two
+# components are then absent from the folder and loaded by that name.
+REFERENCE_COMPONENTS = ("text_encoder", "tokenizer")
+# Models that ship inside the pokediff package, loadable offline by their hub-style name: name -> folder under
+# pokediff/pretrained/. Any other name goes to the hub as usual.
+SHIPPED_MODELS = {"pokediff/pokediff-64": "pokediff-64"}
+DEFAULT_MODEL = "pokediff/pokediff-64"
 # Shipped component module -> the installed module `PokeSpritePipeline.from_pretrained` loads the class from.
 INSTALLED_MODULES = {"sprite_vae": "pokediff.models.vae"}
+
+
+def shipped_model_path(name) -> Path | None:
+    """The packaged folder of a shipped model's name (``pokediff/pokediff-64``), or None for any other name.
+
+    (In a folder's copy of this file, run by ``trust_remote_code`` without pokediff, nothing is shipped.)
+    """
+    folder = SHIPPED_MODELS.get(os.fspath(name)) if isinstance(name, (str, os.PathLike)) else None
+    path = Path(__file__).resolve().parent / "pretrained" / folder if folder else None
+    return path if path is not None and (path / "model_index.json").is_file() else None
 
 
 def _module_file_name(class_name: str) -> str:
@@ -70,22 +88,35 @@ class PokeSpritePipeline(DiffusionPipeline):
     ``encoder_hid_dim`` = text width), ``text_encoder`` + ``tokenizer`` (a transformers BERT-family model),
     ``scheduler`` (DPM-Solver++ by default; DDIM/DDPM via ``from_config``). Config: ``max_text_length`` (tokens)
     and ``background`` (the RGB colour sprites were composited on in training).
+
+    ``text_encoder_name`` (a hub id, e.g. ``sentence-transformers/all-MiniLM-L6-v2``): the text encoder is that
+    public model, unchanged. Without ``text_encoder`` / ``tokenizer`` it is loaded by name (packaged copy first),
+    and ``save_pretrained`` writes the name instead of the weights while they still equal what was loaded.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = list(REFERENCE_COMPONENTS)
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
         vae: ModelMixin,
         unet: UNet2DConditionModel,
-        text_encoder: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        scheduler: SchedulerMixin,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        scheduler: SchedulerMixin,  # keyword-only: required, after the two optional components
         max_text_length: int = 32,
         background: list = (255, 255, 255),
+        text_encoder_name: str | None = None,
     ):
         super().__init__()
+        if text_encoder is None or tokenizer is None:
+            if not text_encoder_name:
+                raise ValueError("PokeSpritePipeline needs text_encoder and tokenizer, or a text_encoder_name")
+            tokenizer, text_encoder = load_reference_text_encoder(text_encoder_name)
+        # weights at construction: save_pretrained writes the name only while they are unchanged
+        self._reference_fingerprint = weights_fingerprint(text_encoder) if text_encoder_name else None
         background = [int(c) for c in background]
         if len(background) != 3 or not all(0 <= c <= 255 for c in background):
             raise ValueError(f"background must be 3 integers in 0..255 (RGB), got {background}")
@@ -100,7 +131,20 @@ class PokeSpritePipeline(DiffusionPipeline):
         if int(max_text_length) < 2 or (model_max is not None and model_max < 100_000 and max_text_length > model_max):
             raise ValueError(f"max_text_length must be 2..{model_max} tokens for this tokenizer, got {max_text_length}")
         self.register_modules(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(max_text_length=int(max_text_length), background=background)
+        self.register_to_config(
+            max_text_length=int(max_text_length), background=background, text_encoder_name=text_encoder_name
+        )
+
+    def text_encoder_saved_by_name(self) -> bool:
+        """Whether ``save_pretrained`` writes the text encoder as its name (its weights are the public ones)."""
+        if self._reference_fingerprint is None:
+            return False
+        if weights_fingerprint(self.text_encoder) == self._reference_fingerprint:
+            return True
+        logger.warning(
+            "the text encoder changed since it was loaded as %s: it is saved in full", self.config.text_encoder_name
+        )
+        return False
 
     # -------------------------------------------------------------- loading
     @classmethod
@@ -108,8 +152,13 @@ class PokeSpritePipeline(DiffusionPipeline):
         """Load a saved folder or hub id with the installed pokediff classes (safetensors only).
 
         The folder's own code is not run (that is what ``DiffusionPipeline.from_pretrained(...,
-        trust_remote_code=True)`` does); local folders are checked first for clear errors.
+        trust_remote_code=True)`` does); local folders are checked first for clear errors. A shipped model's
+        name (``pokediff/pokediff-64``) loads the packaged folder with no network, unless a ``revision`` of
+        the hub repo is asked for.
         """
+        shipped = shipped_model_path(pretrained_model_name_or_path)
+        if shipped is not None and kwargs.get("revision") is None:
+            pretrained_model_name_or_path = shipped
         path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
         if path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")):
             check_pipeline_folder(path)
@@ -178,13 +227,19 @@ class PokeSpritePipeline(DiffusionPipeline):
 
         Everything is written to a temporary folder beside the target first; each entry is then swapped in
         (a folder swap is atomic) and ``model_index.json`` goes last. Entries of an existing folder that the
-        pipeline does not write (``README.md``, ``domain_clip/``) are kept. ``push_to_hub=True`` (with
-        ``repo_id``, ``token``, ``private``, ``commit_message``, ``create_pr``) uploads the folder as diffusers does.
+        pipeline does not write (``README.md``) are kept, but a component folder it no longer writes is removed.
+        An unchanged public text encoder is written as its name only (``text_encoder_name``). The folder's size is
+        logged. ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``commit_message``,
+        ``create_pr``) uploads the folder as diffusers does.
         """
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
+        by_name = self.text_encoder_saved_by_name()
+        kept = {name: getattr(self, name) for name in REFERENCE_COMPONENTS}
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
         try:
+            if by_name:  # diffusers skips an optional component registered as None
+                self.register_modules(**dict.fromkeys(REFERENCE_COMPONENTS))
             super().save_pretrained(
                 tmp,
                 safe_serialization=safe_serialization,
@@ -196,8 +251,14 @@ class PokeSpritePipeline(DiffusionPipeline):
             target.mkdir(exist_ok=True)
             for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
                 swap_into_place(entry, target / entry.name)
+            for name in REFERENCE_COMPONENTS if by_name else ():
+                shutil.rmtree(target / name, ignore_errors=True)  # a stale full copy would contradict the index
         finally:
+            if by_name:
+                self.register_modules(**kept)
             shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        logger.info("saved pipeline %s (%.1f MB)", target, size / 1e6)
         if push_to_hub:
             self._push_folder(target, **kwargs)
 
@@ -212,7 +273,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         index["_class_name"] = [PIPELINE_FILE, PokeSpritePipeline.__name__]
         for name in PIPELINE_COMPONENTS:
             library, class_name = index[name]
-            if _is_library(library):
+            if library is None or _is_library(library):
                 continue
             module = _module_file_name(class_name)
             shutil.copyfile(inspect.getsourcefile(type(getattr(self, name))), folder / name / f"{module}.py")
@@ -592,6 +653,8 @@ def check_pipeline_folder(path) -> dict:
         raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {PokeSpritePipeline.__name__}")
     for name in PIPELINE_COMPONENTS:
         entry = index.get(name)
+        if name in REFERENCE_COMPONENTS and entry and entry[0] is None and index.get("text_encoder_name"):
+            continue  # loaded by name
         if not entry or entry[0] is None:
             raise ValueError(f"{index_file} lacks the '{name}' component")
         if not (path / name).is_dir():

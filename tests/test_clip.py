@@ -184,6 +184,9 @@ def test_scorer_finds_domain_clip_and_scores_matches_higher(tmp_path, monkeypatc
     for where in (tmp_path / "pipeline", tmp_path / "pipeline" / "domain_clip"):
         scorer = load_clip_scorer(model_dir=where)
         assert scorer.name == f"domain_clip:{tmp_path / 'pipeline' / 'domain_clip'}"
+    # a training run keeps it in the run folder, beside (not inside) the pipeline folder
+    (tmp_path / "pipeline" / "domain_clip").rename(tmp_path / "domain_clip")
+    assert load_clip_scorer(model_dir=tmp_path / "pipeline").name == f"domain_clip:{tmp_path / 'domain_clip'}"
     images = (coloured_sprites() + 1) / 2
     matched = scorer.score(images, CAPTIONS)
     shuffled = scorer.score(images, CAPTIONS[1:] + CAPTIONS[:1])

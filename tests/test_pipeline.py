@@ -17,7 +17,7 @@ from PIL import Image
 from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, tiny_pipeline, tiny_unet, tiny_vae
 
 from pokediff.config import SchedulerConfig
-from pokediff.hub import build_model_card, push_pipeline_folder, write_model_card
+from pokediff.hub import build_model_card, write_model_card
 from pokediff.pipeline import PokeSpritePipeline
 from pokediff.postprocess import background_alpha
 from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler, make_inference_scheduler
@@ -291,7 +291,7 @@ def test_save_load_bit_exact(pipe, saved):
     assert index["vae"] == ["sprite_vae", "SpriteVAE"]
     assert index["text_encoder"][0] == "transformers" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
     code = sorted(str(p.relative_to(saved)) for p in files if p.suffix == ".py")
-    assert code == ["fileio.py", "pipeline_pokesprite.py", "postprocess.py", "vae/sprite_vae.py"]
+    assert code == ["fileio.py", "pipeline_pokesprite.py", "postprocess.py", "text_reference.py", "vae/sprite_vae.py"]
     code_text = "".join(p.read_text() for p in files if p.suffix == ".py")
     # the import statements diffusers' check_imports looks for: none may need pokediff
     assert not re.findall(r"^\s*(?:import\s+pokediff|from\s+pokediff\S*\s+import)", code_text, flags=re.MULTILINE)
@@ -408,21 +408,6 @@ def test_folders_saved_before_custom_code_still_load(pipe, saved, tmp_path):
     assert torch.equal(next(sampler.sample(["a red creature"], progress=False)), new)
 
 
-def test_hub_ids_load_without_running_the_repo_code(saved, monkeypatch):
-    import huggingface_hub
-
-    asked = {}
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        asked.update(repo_id=repo_id, **kwargs)
-        return str(saved)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    loaded = PokeSpritePipeline.from_pretrained("someone/pokesprite")
-    assert type(loaded) is PokeSpritePipeline and asked["repo_id"] == "someone/pokesprite"
-    assert "*.bin" in asked["ignore_patterns"]  # safetensors only
-
-
 def test_pipeline_tokenizes_as_training_does(pipe):
     from pokediff.data import tokenize_captions
 
@@ -440,43 +425,6 @@ def test_resave_keeps_foreign_entries(pipe, tmp_path):
     pipe.save_pretrained(folder)
     assert (folder / "domain_clip" / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
-
-
-def test_save_pretrained_keeps_the_diffusers_signature(pipe, tmp_path, monkeypatch):
-    import inspect
-
-    import diffusers.utils.hub_utils
-    import huggingface_hub
-    from huggingface_hub import ModelCard
-
-    ours = inspect.signature(PokeSpritePipeline.save_pretrained).parameters
-    assert list(ours) == list(inspect.signature(DiffusionPipeline.save_pretrained).parameters)
-    assert "push_to_hub" not in PokeSpritePipeline.__dict__  # diffusers' own push_to_hub (it calls save_pretrained)
-
-    uploaded = {}
-
-    class Repo:
-        repo_id = "someone/pokesprite"
-
-    def fake_upload(self, folder, repo_id, **kwargs):
-        folder = Path(folder)
-        uploaded.update(
-            repo_id=repo_id,
-            index=json.loads((folder / "model_index.json").read_text()),
-            card=(folder / "README.md").read_text(),
-            **kwargs,
-        )
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
-    monkeypatch.setattr(diffusers.utils.hub_utils, "create_repo", lambda repo_id, **kw: Repo())
-    card = ModelCard("---\nlicense: other\n---\nthe repo's card\n")
-    monkeypatch.setattr(diffusers.utils.hub_utils, "load_or_create_model_card", lambda *a, **kw: card)
-    monkeypatch.setattr(PokeSpritePipeline, "_upload_folder", fake_upload)
-    pipe.save_pretrained(tmp_path / "pokesprite", push_to_hub=True, commit_message="first")
-    assert uploaded["repo_id"] == "someone/pokesprite" and uploaded["commit_message"] == "first"
-    assert "the repo's card" in uploaded["card"] and "library_name: diffusers" in uploaded["card"]
-    pipe.push_to_hub("pokesprite")
-    assert uploaded["index"]["_class_name"] == ["pipeline_pokesprite", "PokeSpritePipeline"]
 
 
 def test_load_errors(saved, tmp_path):
@@ -555,34 +503,7 @@ def test_model_card_claims_only_the_stages_that_ran(saved):
         assert all(snippet in card for snippet in LOAD_SNIPPETS)
 
 
-def test_push_pipeline_folder_uploads_folder_with_card(saved, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    folder = tmp_path / "pipeline"
-    shutil.copytree(saved, folder)
-    write_model_card(folder, stages={2: 7}, extra={"stage 2 best val loss": 0.1})
-    uploaded = {}
-
-    class Repo:
-        repo_id = "someone/pokesprite"
-
-    def fake_upload(repo_id, folder_path, **kwargs):
-        uploaded["repo_id"] = repo_id
-        uploaded["files"] = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*") if p.is_file())
-        uploaded["card"] = (folder_path / "README.md").read_text()
-        return "https://hub/commit"
-
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
-    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
-    assert push_pipeline_folder(folder, "pokesprite", metrics={"fid": 40.0}) == "https://hub/commit"
-    assert uploaded["repo_id"] == "someone/pokesprite"
-    assert "model_index.json" in uploaded["files"] and "unet/diffusion_pytorch_model.safetensors" in uploaded["files"]
-    assert {"pipeline_pokesprite.py", "vae/sprite_vae.py"} <= set(uploaded["files"])
-    card = uploaded["card"]
-    assert 'PokeSpritePipeline.from_pretrained("someone/pokesprite")' in card and "| fid | 40 |" in card
-    assert 'DiffusionPipeline.from_pretrained("someone/pokesprite", trust_remote_code=True)' in card
-    # the facts recorded when training wrote the card survive the upload's re-render
-    assert "Stage 2: ran for these weights, 7 optimizer steps." in card and "| stage 2 best val loss | 0.1 |" in card
+# hub uploads and hub loads: tests/test_hub_roundtrip.py, over HTTP against tests/hub_server.py
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -125,11 +125,13 @@ def test_stage3_records_clip_choice_and_before_after(stage3_run):
         assert (run / "samples" / f"stage3_{when}.png").is_file()
     assert {"top1", "top5", "chance_top1"} <= report["domain_clip_retrieval"].keys()
     card = (pipeline_dir / "README.md").read_text()
-    assert "domain_clip:" in card and "val CLIP score (before -> after)" in card
+    assert "domain_clip:domain_clip" in card and "val CLIP score (before -> after)" in card
+    assert str(run) not in card  # no machine-local path in a card
     assert "Stage 3: ran for these weights, 2 optimizer steps." in card
-    # eval finds the domain CLIP beside the pipeline
+    # the pipeline folder holds the pipeline; eval finds the domain CLIP in the run folder beside it
+    assert not (pipeline_dir / "domain_clip").exists()
     scorer = load_clip_scorer(pipeline_dir)
-    assert scorer.name == f"domain_clip:{pipeline_dir / 'domain_clip'}"
+    assert scorer.name == f"domain_clip:{run / 'domain_clip'}"
     metrics = {r["metric"] for r in read_losses(run / "losses.csv") if r["stage"] == "stage3"}
     assert {"loss", "clip_loss", "denoise_loss", "anchor_loss", "grad_norm"} <= metrics
 
@@ -155,7 +157,7 @@ def test_stage3_stops_on_a_weak_domain_clip(stage12, stage3_run, tiny_data_root,
         text,
         tmp_path,
         **{
-            "clip.domain_clip_path": str(pipeline_dir / "domain_clip"),
+            "clip.domain_clip_path": str(pipeline_dir.parent / "domain_clip"),
             "clip.min_top1_over_chance": 1000.0,
         },
     )
@@ -190,7 +192,7 @@ def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_da
         tiny_data_root,
         text,
         tmp_path,
-        **{"clip.domain_clip_path": str(full_pipeline / "domain_clip"), "runtime.checkpoint_every_steps": 1},
+        **{"clip.domain_clip_path": str(full_pipeline.parent / "domain_clip"), "runtime.checkpoint_every_steps": 1},
     )
     real_save = CheckpointManager.save
 

@@ -129,7 +129,7 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
         "samples/stage1_epoch0001.png",
         "samples/stage2_epoch0001.png",
         "text_encoder/config.json",
-        "pipeline/domain_clip",
+        "domain_clip",
         "stage3_metrics.json",
     ):
         assert (run / name).exists(), name

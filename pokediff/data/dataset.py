@@ -139,7 +139,7 @@ def load_sprite_dataset(data_cfg, return_problems: bool = False):
         gens = {int(g) for g in data_cfg.filter_generations}
         ds = ds.filter(lambda g: g in gens, input_columns="generation")
     if len(ds) == 0:
-        raise ConfigError(f"no rows left after filtering with {_filters_text(data_cfg)}: widen the filters")
+        raise ConfigError(f"no rows left after filtering with {filters_text(data_cfg)}: widen the filters")
     ds, problems = _validate(ds, data_cfg)
     return (ds, problems) if return_problems else ds
 
@@ -230,7 +230,7 @@ def collate_sprites(items: list[dict]) -> dict:
     }
 
 
-def _filters_text(data_cfg) -> str:
+def filters_text(data_cfg) -> str:
     return (
         f"data.filter_types={list(data_cfg.filter_types)}, data.filter_generations={list(data_cfg.filter_generations)}"
     )
@@ -243,7 +243,7 @@ def load_splits(data_cfg, require: tuple[str, ...] = ()) -> dict[str, datasets.D
         if len(splits[name]) == 0:
             sizes = ", ".join(f"{n} {len(splits[n])}" for n in SPLIT_NAMES)
             raise ConfigError(
-                f"the '{name}' split is empty ({sizes} rows) with {_filters_text(data_cfg)} and "
+                f"the '{name}' split is empty ({sizes} rows) with {filters_text(data_cfg)} and "
                 f"data.split_fractions={list(data_cfg.split_fractions)}: widen the filters or change the fractions"
             )
     return splits

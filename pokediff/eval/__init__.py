@@ -1,4 +1,4 @@
-"""Evaluation: FID/KID (TF-Inception), CLIP score, colour agreement, diversity, VAE reconstruction.
+"""Evaluation: FID/KID (TF-Inception), CLIP score, colour and shape agreement, diversity, VAE reconstruction.
 
 Run ``python -m pokediff.eval --model PATH``; the pieces are importable for notebooks and benchmarks.
 """
@@ -18,6 +18,17 @@ from .reconstruction import psnr, reconstruction_metrics
 from .reference_stats import ReferenceFeatures, dataset_fingerprint, default_cache_dir, reference_features
 from .runner import METRIC_KEYS, RESULT_KEYS, EvalSettings, evaluate, save_grid, validate_result, write_result
 from .sampling import load_sampler
+from .shape import (
+    SHAPE_GROUPS,
+    ShapeJudge,
+    fit_shape_judge,
+    shape_agreement,
+    shape_agreement_from_predictions,
+    shape_group,
+    shape_in_text,
+    shape_judge_for,
+    silhouette_features,
+)
 
 __all__ = [
     "EvalSettings",
@@ -49,6 +60,15 @@ __all__ = [
     "reconstruction_metrics",
     "reference_features",
     "save_grid",
+    "SHAPE_GROUPS",
+    "ShapeJudge",
+    "fit_shape_judge",
+    "shape_agreement",
+    "shape_agreement_from_predictions",
+    "shape_group",
+    "shape_in_text",
+    "shape_judge_for",
+    "silhouette_features",
     "validate_result",
     "write_result",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pokediff.errors import check_writable_file, user_errors, write_failure
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pokediff.eval",
         description=(
             "Score a diffusion pipeline folder or a GAN checkpoint: FID/KID (TF-Inception), CLIP score, colour "
-            "agreement, diversity and (diffusion) VAE reconstruction. Writes a JSON result and a sample grid PNG."
+            "and body-shape agreement, diversity and (diffusion) VAE reconstruction. Writes a JSON result and a "
+            "sample grid PNG."
         ),
     )
     source = p.add_mutually_exclusive_group(required=True)
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeform-samples",
         type=int,
         default=defaults.freeform_samples,
-        help="samples per free-form prompt for color_agreement_freeform (0 turns it off)",
+        help="samples per free-form prompt for color_agreement_freeform and shape_agreement_freeform (0: off)",
     )
     p.add_argument(
         "--recon-num",
@@ -123,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="eval_result.json", help="result JSON path (default: %(default)s)")
     p.add_argument("--grid", default=None, help="sample grid PNG path (default: beside --output, *.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write the metrics into the pipeline folder's model card (README.md metadata, the Hub's model-index)",
+    )
     return p
 
 
@@ -143,6 +150,8 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
         sampler = SavedSamples(args.samples, sources=args.sources or [args.split])
     elif args.sources:
         raise ValueError("--sources applies only to --samples")
+    if args.update_card and not (args.model and (Path(args.model) / "model_index.json").is_file()):
+        raise ValueError(f"--update-card needs --model to be a pipeline folder, got {args.model}")
     # the outputs are checked before the evaluation, which can take many minutes
     output_path = check_writable_file(args.output, "--output")
     grid_path = check_writable_file(args.grid, "--grid") if args.grid else output_path.with_suffix(".png")
@@ -186,6 +195,10 @@ def main(argv=None, feature_net=None, perceptual=None, clip_scorer=None) -> dict
             save_grid(grid, grid_path)
     except OSError as err:
         raise write_failure(output_path, err) or err
+    if args.update_card:
+        from pokediff.hub import card_metrics, update_model_card
+
+        update_model_card(args.model, metrics=card_metrics(result))
     print(json.dumps({"output": str(output), "grid": str(grid_path), **result["metrics"]}, indent=2))
     return result
 

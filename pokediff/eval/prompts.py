@@ -3,7 +3,7 @@
 Each names one of ``pokediff.data.COLOR_NAMES`` (its target colour for the colour judge) and, where it fits, a
 type or a body shape. None of them is a training caption (``tests/test_eval_prompts.py`` checks this), so
 samples from them show whether the model generalises beyond the caption template. Every colour appears at
-least twice.
+least twice. ``FREEFORM_SHAPE_PROMPTS`` each name a body shape instead, for the shape judge.
 """
 
 from __future__ import annotations
@@ -34,4 +34,24 @@ FREEFORM_PROMPTS: tuple[tuple[str, str], ...] = (
     ("a green dragon with wings and a long neck", "green"),
     ("a yellow psychic fox with a crown of fur", "yellow"),
     ("a red fighting crab with big pincers", "red"),
+)
+
+# (prompt, target body-shape group of pokediff.eval.shape.SHAPE_GROUPS): three per group, each naming the shape in
+# words a user types; the shape judge scores their samples (shape_agreement_freeform)
+FREEFORM_SHAPE_PROMPTS: tuple[tuple[str, str], ...] = (
+    ("a four-legged fire creature with a bushy tail", "four-legged"),
+    ("a brown four-legged dog with pointed ears", "four-legged"),
+    ("a green lizard walking on four legs", "four-legged"),
+    ("a red lizard standing upright on two legs", "two-legged"),
+    ("a purple humanoid fighter with big fists", "two-legged"),
+    ("a yellow bipedal mouse with long ears", "two-legged"),
+    ("a blue bird with wings", "winged"),
+    ("an orange dragon with large wings", "winged"),
+    ("a pink butterfly with patterned wings", "winged"),
+    ("a long green serpent with a forked tongue", "serpentine"),
+    ("a blue fish with big fins", "serpentine"),
+    ("a purple jellyfish with dangling tentacles", "serpentine"),
+    ("a round pink ball-shaped creature with tiny eyes", "round"),
+    ("a gray blob with a wide smile", "round"),
+    ("a white spherical creature floating in the air", "round"),
 )

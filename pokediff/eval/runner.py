@@ -10,9 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from torch import nn
 from pokediff.config import DataConfig, config_from_dict, load_config, nest
 from pokediff.data import SPLIT_NAMES, TYPE_NAMES, SpriteDataset, collate_sprites, load_splits
 from pokediff.device import resolve_device
+from pokediff.fileio import write_text_atomic
 from pokediff.images import save_image_grid
 
 from .color import agreement_from_predictions, dominant_color, target_color
@@ -35,6 +34,7 @@ from .memorization import memorization_metrics
 from .reconstruction import reconstruction_metrics
 from .reference_stats import feature_net_name, real_image_batches, reference_features
 from .sampling import DiffusionSampler, SavedSamples, load_sampler
+from .shape import shape_agreement_from_predictions, shape_in_text, shape_judge_for, target_shape
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ METRIC_KEYS = (
     "color_agreement",
     "color_agreement_real",
     "color_agreement_freeform",
+    "shape_agreement",
+    "shape_agreement_real",
+    "shape_agreement_freeform",
+    "shape_agreement_majority",
     "diversity",
     "diversity_real_dataset",
     "recon_l1",
@@ -76,6 +80,7 @@ RESULT_KEYS = (
     "perceptual",
     "reference",
     "color_confusion",
+    "shape_judge",
     "wall_time_s",
     "device",
     "created",
@@ -96,7 +101,7 @@ class EvalSettings:
     kid_subset_size: int = 1000
     diversity_prompts: int = 4  # prompts (or GAN draws) ...
     diversity_samples: int = 4  # ... x samples each, for the pairwise diversity (0 turns it off)
-    freeform_samples: int = 2  # samples per free-form prompt (pokediff.eval.prompts) for their colour agreement
+    freeform_samples: int = 2  # samples per free-form prompt (pokediff.eval.prompts) for colour and shape agreement
     recon_num: int = 64  # VAE reconstruction images from val (test with --split test); 0 turns it off
     grid_size: int = 16
     clip: str = "auto"  # auto | pretrained | domain | none
@@ -211,11 +216,7 @@ def write_result(result: dict, path) -> Path:
     validate_result(result)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2, allow_nan=False))
 
 
 def validate_result(result: dict) -> None:
@@ -290,11 +291,12 @@ def _clip_for(settings: EvalSettings, sampler, clip_scorer, device):
 
 @dataclass
 class _SplitRows:
-    """The protocol split's captions, target colours and primary types, one entry per row."""
+    """The protocol split's captions, target colours, primary types and body-shape groups, one entry per row."""
 
     captions: list[str]
     colors: list[str | None]
     types: list[str | None]
+    shapes: list[str | None] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -308,6 +310,7 @@ def _split_rows(split_ds, data_cfg: DataConfig) -> _SplitRows:
         captions,
         [target_color(row, caption) for row, caption in zip(rows, captions)],
         [_primary_type(row) for row in rows],
+        [target_shape(row, caption) for row, caption in zip(rows, captions)],
     )
 
 
@@ -333,16 +336,18 @@ class _Scored:
     features: torch.Tensor | None = None  # (N, D) for FID/KID
     clip_scores: torch.Tensor | None = None  # (N,) against each image's caption
     colors: list = dataclasses.field(default_factory=list)  # each image's dominant colour
+    shapes: list = dataclasses.field(default_factory=list)  # each image's body-shape group (the shape judge's)
     grid: list = dataclasses.field(default_factory=list)  # the first images, for the grid PNG
     count: int = 0
     size: int | None = None  # the images' side length
 
 
 def _score_images(
-    batches, captions, feature_net=None, clip_scorer=None, background=None, grid_size: int = 0
+    batches, captions, feature_net=None, clip_scorer=None, background=None, grid_size: int = 0, shape_judge=None
 ) -> _Scored:
     """One pass over batches (B, 3, H, W) in [0, 1]: FID features, CLIP scores against ``captions``, dominant
-    colours (given the ``background``) and the first ``grid_size`` images; no image set is held whole."""
+    colours and body shapes (given the ``background``) and the first ``grid_size`` images; no image set is held
+    whole."""
     scored, features, clip_scores = _Scored(), [], []
     for batch in batches:
         n = batch.shape[0]
@@ -353,6 +358,8 @@ def _score_images(
             clip_scores.append(clip_scorer.score(batch, captions[scored.count : scored.count + n]).double().cpu())
         if background is not None:
             scored.colors.extend(dominant_color(image, background) for image in batch)
+        if shape_judge is not None and background is not None:
+            scored.shapes.extend(shape_judge.predict(batch, background))
         held = sum(g.shape[0] for g in scored.grid)
         if held < grid_size:
             scored.grid.append(batch[: grid_size - held])
@@ -362,12 +369,17 @@ def _score_images(
     return scored
 
 
+def _real_rows(rows) -> list[int]:
+    """The distinct split rows of the samples, in the order their real images are scored."""
+    return sorted(set(rows))
+
+
 def _score_real_rows(
-    ref_split, rows, table: _SplitRows, data_cfg, batch_size: int, clip_scorer, colors: bool
+    ref_split, rows, table: _SplitRows, data_cfg, batch_size: int, clip_scorer, colors: bool, shape_judge=None
 ) -> tuple[_Scored, list]:
-    """(CLIP scores and colours of the real images of ``rows``, their target colours): the ceiling of the
-    samples' text alignment."""
-    real_rows = sorted(set(rows))
+    """(CLIP scores, colours and body shapes of the real images of ``rows``, their target colours): the ceiling of
+    the samples' text alignment."""
+    real_rows = _real_rows(rows)
     if clip_scorer is None and not colors:
         return _Scored(), []
     batches = real_image_batches(ref_split.select(real_rows), data_cfg, batch_size)
@@ -376,6 +388,7 @@ def _score_real_rows(
         [table.captions[i] for i in real_rows],
         clip_scorer=clip_scorer,
         background=data_cfg.background if colors else None,
+        shape_judge=shape_judge,
     )
     return scored, [table.colors[i] for i in real_rows]
 
@@ -517,6 +530,84 @@ def _freeform_colors(sampler, settings, progress):
     return {"color_agreement_freeform": agreement_from_predictions(predicted, targets)["accuracy"]}, {}
 
 
+def _shape_judge(settings: EvalSettings, sampler, train_split, data_cfg):
+    """(the body-shape judge fitted on the train split (cached), None), or (None, why the shape metrics are
+    skipped)."""
+    reason = _not_captioned(sampler)
+    if reason:
+        if getattr(sampler, "type_conditional", False):
+            reason += "; it takes the primary type only, which names no body shape"
+        return None, reason
+    labels = _split_rows(train_split, data_cfg).shapes
+    if len({label for label in labels if label is not None}) < 2:
+        return None, "the train split's sprites do not show two body-shape groups (no 'shape' column or phrase)"
+    judge = shape_judge_for(train_split, data_cfg, labels, cache_dir=settings.cache_dir, batch_size=settings.batch_size)
+    return judge, None
+
+
+def _shape_targets(sampler, table: _SplitRows, split: str, rows) -> list[str | None]:
+    """Each sample's target shape group: its split row's shape, else one its prompt names (saved free-form)."""
+    if not isinstance(sampler, SavedSamples):
+        return [table.shapes[i] for i in rows]
+    return [
+        table.shapes[r["row"]]
+        if r["source"] == split and r.get("row") is not None and 0 <= r["row"] < len(table)
+        else shape_in_text(r["prompt"])
+        for r in sampler.records
+    ]
+
+
+def _shape_agreement(sample_shapes, targets, real_shapes, real_targets, judge, skip_reason: str | None):
+    """(({"shape_agreement", "shape_agreement_real", "shape_agreement_majority"}, skipped reasons), the judge's
+    report with confusion matrices): the judge on the samples against their prompts' shapes, on the real sprites
+    of the same rows (its ceiling; with ``--split train`` the judge's fit on its own training sprites, optimistic),
+    and a constant answer, the train split's commonest group (the floor)."""
+    keys = ("shape_agreement", "shape_agreement_real", "shape_agreement_majority")
+    if skip_reason:
+        return ({}, dict.fromkeys(keys, skip_reason)), None
+    samples = shape_agreement_from_predictions(sample_shapes, targets)
+    real = shape_agreement_from_predictions(real_shapes, real_targets)
+    majority = shape_agreement_from_predictions([judge.majority] * len(targets), targets)
+    metrics = {
+        "shape_agreement": samples["accuracy"],
+        "shape_agreement_real": real["accuracy"],
+        "shape_agreement_majority": majority["accuracy"],
+    }
+    skipped = {k: "no prompt names a body shape" for k in keys if metrics[k] is None}
+    report = {**judge.describe(), "confusion": {"samples": samples["confusion"], "real": real["confusion"]}}
+    return (metrics, skipped), report
+
+
+def _freeform_shapes(sampler, settings, judge, skip_reason: str | None, progress):
+    """({"shape_agreement_freeform"}, skipped reasons, confusion): the shape judge on free-form prompts that name
+    a body shape (``pokediff.eval.prompts.FREEFORM_SHAPE_PROMPTS``); compare with ``shape_agreement_real``."""
+    from .prompts import FREEFORM_SHAPE_PROMPTS
+
+    key = "shape_agreement_freeform"
+    if skip_reason:
+        return {}, {key: skip_reason}, None
+    if not settings.freeform_samples:
+        return {}, {key: "turned off (--freeform-samples 0)"}, None
+    if isinstance(sampler, SavedSamples):
+        reason = "saved samples cannot answer new prompts: score the archive's free-form records with --sources"
+        return {}, {key: reason + " freeform (their shape_agreement)"}, None
+    prompts = [p for p, _ in FREEFORM_SHAPE_PROMPTS for _ in range(settings.freeform_samples)]
+    targets = [s for _, s in FREEFORM_SHAPE_PROMPTS for _ in range(settings.freeform_samples)]
+    predicted = []
+    # a seed range apart from the main, diversity and colour free-form samples'
+    for batch in sampler.sample(
+        prompts,
+        None,
+        seed=settings.seed + 3_000_003,
+        batch_size=settings.batch_size,
+        progress=progress,
+        desc="free-form shape prompts",
+    ):
+        predicted.extend(judge.predict(batch, sampler.background))
+    result = shape_agreement_from_predictions(predicted, targets)
+    return {key: result["accuracy"]}, {}, result["confusion"]
+
+
 def _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress):
     """({"recon_l1", "recon_psnr", "recon_perceptual"}, skipped reasons) of the pipeline's VAE."""
     keys = ("recon_l1", "recon_psnr", "recon_perceptual")
@@ -577,6 +668,7 @@ def _result(
     color_confusion,
     kid_size,
     clip_scorer,
+    shape_judge=None,
     feature_net,
     perceptual,
     reference,
@@ -613,6 +705,7 @@ def _result(
             "cached": reference.cached,
         },
         "color_confusion": color_confusion,
+        "shape_judge": shape_judge,
         "eval_settings_hash": hashlib.sha256(
             json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()
         ).hexdigest()[:16],
@@ -654,6 +747,8 @@ def evaluate(
     # 2. the prompts: rows of the protocol's split (saved samples: their manifest's)
     table = _split_rows(ref_split, data_cfg)
     rows, prompts, targets, types = _prompts_for(sampler, table, settings.split, num, settings.seed)
+    shape_targets = _shape_targets(sampler, table, settings.split, rows)
+    shape_judge, shape_skip = _shape_judge(settings, sampler, splits["train"], data_cfg)
 
     # 3. sample once, scoring each batch as it comes
     batches = sampler.sample(
@@ -666,6 +761,7 @@ def evaluate(
         clip_scorer,
         sampler.background if sampler.text_conditional else None,
         settings.grid_size,
+        shape_judge,
     )
     if samples.count != num:
         raise RuntimeError(f"the model produced {samples.count} images, expected {num}")
@@ -691,17 +787,27 @@ def evaluate(
         samples.features, reference, settings, splits["train"], data_cfg, feature_net, device, progress
     )
     real, real_targets = _score_real_rows(
-        ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer, colors=sampler.text_conditional
+        ref_split, rows, table, data_cfg, settings.batch_size, clip_scorer, sampler.text_conditional, shape_judge
     )
     colors, color_confusion = _color_agreement(
         samples.colors, targets, real.colors, real_targets, _not_captioned(sampler)
     )
+    shapes, shape_report = _shape_agreement(
+        samples.shapes, shape_targets, real.shapes, [table.shapes[i] for i in _real_rows(rows)], shape_judge, shape_skip
+    )
+    freeform_shapes, freeform_shape_skip, freeform_shape_confusion = _freeform_shapes(
+        sampler, settings, shape_judge, shape_skip, progress
+    )
+    if shape_report is not None and freeform_shape_confusion is not None:
+        shape_report["confusion"]["freeform"] = freeform_shape_confusion
     metrics, skipped = _merge(
         [
             _clip_score(samples.clip_scores, real.clip_scores, clip_skip),
             fid_kid,
             memorization,
             colors,
+            shapes,
+            (freeform_shapes, freeform_shape_skip),
             _diversity(sampler, settings, ref_split, rows, table.captions, table.types, data_cfg, perceptual, progress),
             _freeform_colors(sampler, settings, progress),
             _reconstruction(sampler, settings, splits, data_cfg, perceptual, device, progress),
@@ -719,6 +825,7 @@ def evaluate(
         skipped=skipped,
         nearest_train=nearest_train,
         color_confusion=color_confusion,
+        shape_judge=shape_report,
         kid_size=kid_size,
         clip_scorer=clip_scorer,
         feature_net=feature_net,

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pokediff.errors import CheckpointError, write_failure
+from pokediff.errors import CheckpointError, newest_intact_checkpoint, verify_checkpoint_files, write_failure
 from pokediff.fileio import atomic_write
 
 MARKER = "gan_checkpoint.json"
@@ -128,19 +128,28 @@ def prune_checkpoints(run_dir, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder itself, or the latest one of a run folder."""
+def resolve_checkpoint(path, verify: bool = False) -> Path:
+    """A checkpoint folder itself, or the latest one of a run folder. ``verify`` (resuming): every file of it is
+    read far enough to know it is whole, and a damaged latest one of a run folder gives way to the newest intact
+    one, with one warning naming both."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"GAN checkpoint not found: {path}")
     if (path / MARKER).is_file():
+        if verify:
+            _check_intact(path)
         return path
     found = list_checkpoints(path)
     if found:
-        return found[-1]
+        return newest_intact_checkpoint(found, _check_intact, path / "checkpoints", "--resume") if verify else found[-1]
     raise FileNotFoundError(
         f"{path} is not a GAN checkpoint: no {MARKER} in it, nor checkpoints/step_*/ of a GAN run folder"
     )
+
+
+def _check_intact(path: Path) -> None:
+    verify_checkpoint_files(path)
+    read_meta(path)
 
 
 def is_gan_checkpoint(path) -> bool:

@@ -407,7 +407,7 @@ def config_from_args(args) -> tuple[GanConfig, Path | None, Path | None]:
         if cfg.model.name != args.model:
             raise ConfigError(f"--model {args.model} but the config files set model.name={cfg.model.name}")
         return cfg, None, None
-    checkpoint = resolve_checkpoint(args.resume)
+    checkpoint = resolve_checkpoint(args.resume, verify=True)
     meta = read_meta(checkpoint)
     if args.model is not None and args.model != meta["model_name"]:
         raise ConfigError(f"--model {args.model} but {checkpoint} holds a '{meta['model_name']}' model")

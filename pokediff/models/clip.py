@@ -543,11 +543,12 @@ class DomainClipScorer(ClipScorer):
 
 
 def find_domain_clip(model_dir) -> Path | None:
-    """``model_dir/domain_clip`` or ``model_dir`` itself, if either is a domain CLIP folder."""
+    """``model_dir/domain_clip``, ``model_dir`` itself, or the run folder's ``domain_clip`` beside a pipeline
+    folder (``model_dir/../domain_clip``): the first that is a domain CLIP folder."""
     if model_dir is None:
         return None
     model_dir = Path(model_dir)
-    for candidate in (model_dir / DOMAIN_CLIP_DIRNAME, model_dir):
+    for candidate in (model_dir / DOMAIN_CLIP_DIRNAME, model_dir, model_dir.parent / DOMAIN_CLIP_DIRNAME):
         if is_domain_clip_dir(candidate):
             return candidate
     return None
@@ -581,7 +582,7 @@ def load_clip_scorer(model_dir=None, clip_cfg=None, device="cpu", source: str | 
         model, tokenizer, metrics = load_domain_clip(found, device)
         return DomainClipScorer(model, tokenizer, str(found), metrics).to(device)
     reasons.append(
-        f"no domain CLIP at {model_dir}/{DOMAIN_CLIP_DIRNAME} or {model_dir}"
+        f"no domain CLIP at {model_dir}/{DOMAIN_CLIP_DIRNAME}, {model_dir} or {Path(model_dir).parent}/{DOMAIN_CLIP_DIRNAME}"
         if model_dir
         else "no model_dir given to look for a domain CLIP in"
     )

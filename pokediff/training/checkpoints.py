@@ -16,7 +16,7 @@ from typing import Optional
 from accelerate import Accelerator
 
 from pokediff.config import ConfigError
-from pokediff.errors import CheckpointError, verify_checkpoint_files, write_failure
+from pokediff.errors import CheckpointError, newest_intact_checkpoint, verify_checkpoint_files, write_failure
 from pokediff.fileio import atomic_write, swap_into_place
 from pokediff.training.guards import GradExplosionDetector, NonFiniteGuard
 from pokediff.training.metrics import LossLogger
@@ -61,6 +61,11 @@ class TrainingState:
             return cls.from_json(path.read_text())
         except (ValueError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"checkpoint file {path} is damaged: {err}") from err
+
+
+def _check_intact(path: Path) -> None:
+    verify_checkpoint_files(path)
+    TrainingState.read(path / TRAINING_STATE_NAME)
 
 
 def list_checkpoints(folder) -> list[Path]:
@@ -149,19 +154,7 @@ class CheckpointManager:
             if not found:
                 logger.info("no checkpoint to resume from in %s: starting fresh", self.folder)
                 return None
-            damaged = []
-            for path in reversed(found):
-                try:
-                    verify_checkpoint_files(path)
-                    TrainingState.read(path / TRAINING_STATE_NAME)
-                except (CheckpointError, FileNotFoundError) as err:
-                    damaged.append(str(err))
-                    logger.warning("--resume latest: %s; trying the checkpoint before it", err)
-                    continue
-                if damaged:
-                    logger.warning("--resume latest: falling back to %s, the newest intact checkpoint", path)
-                return path
-            raise CheckpointError(f"--resume latest: no intact checkpoint in {self.folder}: " + "; ".join(damaged))
+            return newest_intact_checkpoint(found, _check_intact, self.folder)
         path = Path(resume).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"--resume: checkpoint folder not found: {path}")

@@ -16,6 +16,8 @@ as in an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ from pokediff.training.metrics import LossLogger, PendingRows, log_metrics
 from pokediff.training.seeding import epoch_batches, seed_step
 from pokediff.training.setup import end_stage, one_cycle, optimizer_steps
 
+logger = logging.getLogger(__name__)
+
 # loss(batch, global_step) -> (scalar loss to back-propagate, further values to log after "loss")
 StageLoss = Callable[[object, int], "tuple[torch.Tensor, dict]"]
 
@@ -55,10 +59,16 @@ class StageTraining:
     total_steps: int
     updates_per_epoch: int
     checkpoint_extra: dict = field(default_factory=dict)  # stage-specific values saved in every checkpoint
+    time_up: bool = False  # stopped at the stage's max_minutes before total_steps (resume continues it)
 
     @property
     def finished(self) -> bool:
         return self.state.global_step >= self.total_steps
+
+    @property
+    def stopping(self) -> bool:
+        """No more updates in this process: the schedule is done or the time limit was reached."""
+        return self.finished or self.time_up
 
     def save_checkpoint(self) -> Path:
         return save_training_checkpoint(
@@ -127,13 +137,18 @@ def run_epochs(
     desc: str,
     end_of_epoch: Optional[Callable[[int, bool], None]] = None,
     autocast: bool = False,
+    max_minutes: Optional[float] = None,
 ) -> None:
     """Train from ``training.state`` to ``training.total_steps`` updates (or ``epochs`` epochs).
 
     ``end_of_epoch(epoch, finished)`` runs after each complete epoch and after the last update. ``autocast``
     wraps the loss in ``accelerator.autocast()`` (for frozen models that were not prepared).
+    ``max_minutes``: wall-time limit of this call; when reached, training stops after the current update with
+    ``training.time_up`` set (the stage then checkpoints and exports as if finished; ``--resume latest``
+    continues the same schedule from there).
     """
     acc, state, loader = training.accelerator, training.state, training.loader
+    deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
     progress = tqdm(
         total=training.total_steps, initial=state.global_step, desc=desc, disable=not acc.is_local_main_process
     )
@@ -156,20 +171,48 @@ def run_epochs(
             pending.add(state.global_step, epoch, {"loss": value.detach()}, logged, metrics)
             state.global_step += 1
             progress.update(1)
-            checkpoint_due = state.global_step % checkpoint_every_steps == 0 and not training.finished
-            if checkpoint_due or training.finished or state.global_step % training.stepper.sync_every == 0:
+            if (
+                deadline is not None
+                and not training.finished
+                and state.global_step % training.stepper.sync_every == 0
+                and _time_is_up(acc, deadline)
+            ):
+                training.time_up = True
+            checkpoint_due = state.global_step % checkpoint_every_steps == 0 and not training.stopping
+            if checkpoint_due or training.stopping or state.global_step % training.stepper.sync_every == 0:
                 _settle(training, pending, progress)
             if checkpoint_due:
                 training.save_checkpoint()
-            if training.finished:
+            if training.stopping:
                 break
         _settle(training, pending, progress)
         epoch_done = state.batches_in_epoch >= len(loader)
-        if end_of_epoch is not None and (epoch_done or training.finished):
-            end_of_epoch(epoch, training.finished)
+        if end_of_epoch is not None and (epoch_done or training.stopping):
+            end_of_epoch(epoch, training.stopping)
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if training.time_up:
+            break
     progress.close()
+    if training.time_up:
+        logger.warning(
+            "%s reached its time limit (%g min) at step %d of %d: its weights are saved; continue it with "
+            "--resume latest",
+            training.stage,
+            max_minutes,
+            state.global_step,
+            training.total_steps,
+        )
+
+
+def _time_is_up(accelerator: Accelerator, deadline: float) -> bool:
+    """Whether ``deadline`` passed, as the main process sees it (every process stops at the same update)."""
+    up = time.monotonic() >= deadline
+    if accelerator.num_processes == 1:
+        return up  # no device round trip
+    from accelerate.utils import broadcast
+
+    return bool(broadcast(torch.tensor([float(up)], device=accelerator.device), from_process=0).item())
 
 
 def _settle(training: StageTraining, pending: PendingRows, progress) -> None:

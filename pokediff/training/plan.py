@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from pokediff.config import ConfigError
 from pokediff.training.setup import optimizer_steps
 
 
@@ -17,6 +18,32 @@ def count_parameters(model) -> tuple[int, int]:
     """(all parameters, trainable parameters)."""
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def stage_examples(cfg, n_train: int) -> dict[str, int]:
+    """Training examples per epoch of each stage: sprites (stage 1), cached latents with mirrors (stages 2-3)."""
+    cached = n_train * (2 if cfg.stage2.cache_flips else 1)
+    return {"1": n_train, "2": cached, "3": cached}
+
+
+def check_data_fits(cfg, stages, num_processes: int = 1) -> dict:
+    """Refuse, before any work, an empty train/val split or a stage whose batch is larger than its data (every
+    loader drops the last partial batch, so such a stage would have no step); returns the split sizes."""
+    from pokediff.data import load_splits
+    from pokediff.data.dataset import filters_text
+
+    splits = load_splits(cfg.data, require=("train", "val"))
+    n_train = len(splits["train"])
+    for stage, examples in stage_examples(cfg, n_train).items():
+        batch = getattr(cfg, f"stage{stage}").batch_size
+        if stage in stages and batch * num_processes > examples:
+            what = "sprites" if stage == "1" else f"cached latents ({n_train} sprites and their mirrors)"
+            raise ConfigError(
+                f"stage{stage}.batch_size={batch} x {num_processes} process(es) is larger than the train split: "
+                f"{examples} {what} with {filters_text(cfg.data)}; use a batch of at most "
+                f"{examples // num_processes} or widen the filters"
+            )
+    return {name: len(split) for name, split in splits.items()}
 
 
 def _steps(cfg, stage_cfg, examples: int, num_processes: int) -> dict:
@@ -51,15 +78,15 @@ def plan_run(
     Raises the error a real run would hit before training (empty split, batch larger than the split, missing
     input weights of a stage that is not run first).
     """
-    from pokediff.data import load_splits
     from pokediff.models.text import load_text_encoder
     from pokediff.models.unet import build_unet
     from pokediff.models.vae import build_vae
 
-    splits = load_splits(cfg.data, require=("train", "val"))
-    n_train = len(splits["train"])
+    sizes = check_data_fits(cfg, stages, num_processes)
+    n_train = sizes["train"]
+    examples = stage_examples(cfg, n_train)
     plan: dict = {
-        "data": {name: len(split) for name, split in splits.items()},
+        "data": sizes,
         "num_processes": num_processes,
         "stages": {},
     }
@@ -71,21 +98,20 @@ def plan_run(
     vae = build_vae(cfg.vae, cfg.data.resolution)
     _, text_encoder = load_text_encoder(cfg.text_encoder.name)
     if "1" in stages:
-        entry = {"models": {"vae": count_parameters(vae)}, **_steps(cfg, cfg.stage1, n_train, num_processes)}
+        entry = {"models": {"vae": count_parameters(vae)}, **_steps(cfg, cfg.stage1, examples["1"], num_processes)}
         if cfg.stage1.perceptual_weight > 0:
             from pokediff.models.perceptual import load_perceptual
 
             perceptual = load_perceptual(cfg.perceptual)
             entry["models"][f"perceptual ({perceptual.name}, frozen)"] = (count_parameters(perceptual)[0], 0)
         plan["stages"]["1"] = entry
-    cached = n_train * (2 if cfg.stage2.cache_flips else 1)  # stages 2-3 train on cached latents (+ mirrors)
     if "2" in stages:
         unet = build_unet(
             cfg.unet, cfg.vae.latent_channels, vae.latent_size(cfg.data.resolution), text_encoder.config.hidden_size
         )
         plan["stages"]["2"] = {
             "models": {"unet": count_parameters(unet)},
-            **_steps(cfg, cfg.stage2, cached, num_processes),
+            **_steps(cfg, cfg.stage2, examples["2"], num_processes),
         }
     if "3" in stages:
         if getattr(text_encoder, "pooler", None) is not None:
@@ -94,7 +120,7 @@ def plan_run(
             "models": {"text_encoder": count_parameters(text_encoder)},
             "clip_source": cfg.clip.source,
             "gate_samples": cfg.stage3.gate_samples,
-            **_steps(cfg, cfg.stage3, cached, num_processes),
+            **_steps(cfg, cfg.stage3, examples["3"], num_processes),
         }
     return plan
 

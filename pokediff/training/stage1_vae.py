@@ -376,6 +376,7 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         checkpoint_every_steps=rt.checkpoint_every_steps,
         desc="stage 1 (VAE)",
         end_of_epoch=end_of_epoch,
+        max_minutes=s1.max_minutes,
     )
     if not vae_dir.is_dir():  # resumed from a final checkpoint whose best weights were lost
         validate_and_keep_best()

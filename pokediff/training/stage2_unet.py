@@ -212,7 +212,11 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer) -> PokeSpritePipeline:
+def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged: bool = False):
+    """A ``PokeSpritePipeline`` of the run's parts. ``text_encoder_unchanged``: it is ``cfg.text_encoder.name``
+    as published (stage 2 never trains it), so a hub id is saved as its name, not as a copy."""
+    name = cfg.text_encoder.name
+    by_name = text_encoder_unchanged and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
     pipe = PokeSpritePipeline(
         vae=vae,
         unet=unet,
@@ -221,6 +225,7 @@ def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer) -> PokeSpritePipe
         scheduler=build_inference_scheduler(cfg.scheduler),
         max_text_length=cfg.data.max_text_length,
         background=list(cfg.data.background),
+        text_encoder_name=name if by_name else None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -300,6 +305,37 @@ def stage2_sample_grid(cfg, pipe: PokeSpritePipeline, path) -> Path:
     )
 
 
+def warm_start(unet: UNet2DConditionModel, source) -> None:
+    """Load the weights of ``source`` (a U-Net folder, or a pipeline folder's ``unet/``) into ``unet``.
+
+    A warm start keeps the weights only: the optimizer's moments, the schedule's position and the EMA's history
+    start afresh (the EMA from these weights), as they would in a new run.
+    """
+    path = Path(source).expanduser()
+    if (path / "model_index.json").is_file():
+        path = path / "unet"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"stage2.init_from: no U-Net folder (config.json) at {path}")
+    loaded = UNet2DConditionModel.from_pretrained(str(path))
+
+    def plain(value):  # a config read from JSON has lists where a built one may have tuples
+        return list(value) if isinstance(value, tuple) else value
+
+    mismatched = {
+        key: (loaded.config.get(key), unet.config[key])
+        for key in unet.config
+        if not key.startswith("_") and plain(loaded.config.get(key)) != plain(unet.config[key])
+    }
+    if mismatched:
+        key, (theirs, ours) = next(iter(sorted(mismatched.items())))
+        raise ConfigError(
+            f"stage2.init_from {path} is another U-Net: its {key} is {theirs!r}, the config's gives {ours!r} "
+            f"({len(mismatched)} setting(s) differ)"
+        )
+    unet.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+    logger.info("stage 2 warm start from %s (weights only: fresh optimizer, schedule and EMA)", path)
+
+
 def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) -> Path:
     """Train the U-Net on a frozen VAE (``vae_path``); returns ``<run>/unet`` (EMA weights).
 
@@ -354,6 +390,10 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
     log_latent_range(train_cache, scale, s2.latent_clamp)
     latent_size = train_cache.mean.shape[-1]
     unet = build_unet(cfg.unet, vae.config.latent_channels, latent_size, text_encoder.config.hidden_size)
+    if s2.init_from:
+        if resume is not None:
+            raise ConfigError("stage2.init_from and --resume both name starting weights: give one of them")
+        warm_start(unet, s2.init_from)
     unet = to_channels_last(unet, rt.channels_last)
     ema = EMAModel(unet.parameters(), decay=s2.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     ema.to(device)
@@ -428,7 +468,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
                     state.best_val_loss = val_loss
                     atomic_save_pretrained(model, folder / "unet_best")
                 if finished or (epoch + 1) % rt.sample_every_epochs == 0:
-                    pipe = assemble_pipeline(cfg, vae, model, text_encoder, tokenizer)
+                    pipe = assemble_pipeline(cfg, vae, model, text_encoder, tokenizer, text_encoder_unchanged=True)
                     with accelerator.autocast():
                         grid = stage2_sample_grid(cfg, pipe, folder / "samples" / f"{STAGE}_epoch{epoch + 1:04d}.png")
                     log_image_grid(accelerator, "samples", grid, state.global_step)
@@ -447,6 +487,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         checkpoint_every_steps=rt.checkpoint_every_steps,
         desc="stage 2 (U-Net)",
         end_of_epoch=evaluate_with_ema,
+        max_minutes=s2.max_minutes,
     )
     if not math.isfinite(state.best_val_loss):
         raise NoUsableWeightsError(
@@ -468,6 +509,7 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
             UNet2DConditionModel.from_pretrained(str(unet_dir)),
             text_encoder.to("cpu"),
             tokenizer,
+            text_encoder_unchanged=True,
         )
         pipe.save_pretrained(folder / "pipeline")
         write_model_card(

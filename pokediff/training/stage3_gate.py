@@ -6,7 +6,8 @@ the pipeline with stage 2's text encoder (the frozen pretrained one the U-Net wa
 on a judge that has nothing to do with CLIP: does the dominant colour of a sample match the colour its caption
 names? It draws the same seeds for both, on training captions, so the val and free-form figures that the
 evaluation reports stay untouched by the choice. When stage 3 does not win, the pipeline's ``text_encoder``
-is put back to the pretrained one; stage 3's own weights stay in ``<run>/text_encoder`` for inspection.
+is put back to the pretrained one (saved by name when it is a public one); stage 3's own weights stay in
+``<run>/text_encoder`` for inspection.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     from pokediff.data import load_splits
     from pokediff.models.text import load_text_encoder
     from pokediff.pipeline import PokeSpritePipeline
-    from pokediff.training.checkpoints import atomic_save_pretrained
+    from pokediff.training.stage2_unet import assemble_pipeline
     from pokediff.training.stage3_text import METRICS_FILE
 
     num, seed = cfg.stage3.gate_samples, cfg.runtime.seed
@@ -82,7 +83,10 @@ def gate_stage3(cfg, run: Path, device) -> dict:
             "kept": kept,
         }
         if kept == "stage2":
-            atomic_save_pretrained(pretrained, pipeline_dir / "text_encoder")
+            restored = assemble_pipeline(
+                cfg, pipe.vae, pipe.unet, pretrained, pipe.tokenizer, text_encoder_unchanged=True
+            )
+            restored.to("cpu").save_pretrained(pipeline_dir)
         _record_on_card(pipeline_dir, verdict)
     metrics_path = run / METRICS_FILE
     report = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -226,11 +225,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------------------- saving
-def _atomic_copytree(src: Path, dst: Path) -> None:
-    with atomic_write(dst) as tmp:
-        shutil.copytree(src, tmp)
-
-
 def _save_tokenizer(tokenizer, folder: Path) -> None:
     with atomic_write(folder) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -555,9 +549,6 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         )
         pipe.save_pretrained(pipeline_dir)
         write_model_card(pipeline_dir, stages={3: state.global_step}, extra=extra)
-        if isinstance(scorer, DomainClipScorer):
-            # eval finds the domain CLIP beside the pipeline
-            _atomic_copytree(Path(scorer.path), pipeline_dir / DOMAIN_CLIP_DIRNAME)
         logger.info("stage 3 done: %d steps -> %s", state.global_step, pipeline_dir)
     training.close()
     return pipeline_dir

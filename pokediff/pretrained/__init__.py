@@ -1,0 +1,79 @@
+"""Models shipped inside the package, each a saved ``PokeSpritePipeline`` folder (``pokediff-64/``).
+
+``PokeSpritePipeline.from_pretrained("pokediff/pokediff-64")`` loads it offline (``pokediff.pipeline.SHIPPED_MODELS``);
+how it was trained and what it scores: its ``README.md`` and the project README, "The shipped model".
+
+    python -m pokediff.pretrained outputs/release/pipeline     # a trained pipeline -> pokediff/pretrained/pokediff-64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DIR = Path(__file__).resolve().parent
+DEFAULT_NAME = "pokediff-64"
+SIZE_LIMIT_BYTES = 32 * 2**20  # the repository travels whole to a GPU machine: the model stays small
+
+
+def folder_size(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def export_pipeline(
+    source, dest, half: bool = True, check_prompts: tuple[str, ...] = ("a small green creature",)
+) -> dict:
+    """Save the pipeline folder ``source`` as ``dest`` with the U-Net's weights in half precision (loaded back as
+    float32, as diffusers does by default); the VAE stays float32 (2.6 MB: it defines the latents a later chunk
+    trains on). The model card comes along. Returns the folder size and the largest pixel change half precision
+    makes on a few seeded samples (fp32 weights vs half)."""
+    from pokediff.pipeline import PokeSpritePipeline
+
+    source, dest = Path(source), Path(dest)
+    full = PokeSpritePipeline.from_pretrained(source)
+    full.set_progress_bar_config(disable=True)
+    if half:
+        full.unet.to(torch.float16)
+    full.save_pretrained(dest)
+    if (source / "README.md").is_file():
+        from pokediff.hub import update_model_card
+
+        shutil.copyfile(source / "README.md", dest / "README.md")
+        update_model_card(dest, repo_id=f"pokediff/{dest.name}")  # its usage snippets load the shipped name
+
+    def draw(pipe):
+        generators = [torch.Generator().manual_seed(k) for k in range(len(check_prompts))]
+        return pipe(list(check_prompts), generator=generators, output_type="pt").images
+
+    reference = PokeSpritePipeline.from_pretrained(source)
+    reference.set_progress_bar_config(disable=True)
+    shipped = PokeSpritePipeline.from_pretrained(dest)
+    shipped.set_progress_bar_config(disable=True)
+    change = (draw(reference) - draw(shipped)).abs().max().item() * 255
+    size = folder_size(dest)
+    if size > SIZE_LIMIT_BYTES:
+        raise ValueError(f"{dest} is {size / 2**20:.1f} MiB, over the {SIZE_LIMIT_BYTES / 2**20:.0f} MiB limit")
+    return {"folder": str(dest), "size_mib": round(size / 2**20, 2), "max_pixel_change_of_half_precision": change}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pokediff.pretrained", description=export_pipeline.__doc__)
+    parser.add_argument("source", help="a trained pipeline folder, e.g. outputs/release/pipeline")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="folder under pokediff/pretrained/ (default: %(default)s)")
+    parser.add_argument("--full-precision", action="store_true", help="keep the U-Net in float32")
+    args = parser.parse_args(argv)
+    try:
+        report = export_pipeline(args.source, SHIPPED_DIR / args.name, half=not args.full_precision)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0

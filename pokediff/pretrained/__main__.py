@@ -1,0 +1,5 @@
+import sys
+
+from pokediff.pretrained import main
+
+sys.exit(main())

@@ -1,0 +1,662 @@
+"""PokeSpritePipeline: text -> 215x215 sprite with a latent diffusion model (inference only).
+
+A saved folder loads two ways: ``PokeSpritePipeline.from_pretrained(folder)`` with pokediff installed, or
+``diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` from the code the folder
+carries (diffusers' custom-pipeline mechanism: ``model_index.json`` names ``["pipeline_pokesprite",
+"PokeSpritePipeline"]`` and ``["sprite_vae", "SpriteVAE"]``). This file is that pipeline code, so it imports
+pokediff modules only relatively (``postprocess``, ``fileio``): diffusers copies relative imports along with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .fileio import swap_into_place
+from .postprocess import DEFAULT_RGBA_TOLERANCE, add_alpha, to_pil
+from .text_reference import load_reference_text_encoder, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE_SCALE = 4.0
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+# What a saved folder carries for `trust_remote_code` loading: this file (named by model_index.json's
+# `_class_name`), the modules it imports relatively, and each custom component's module in its subfolder.
+PIPELINE_FILE = "pipeline_pokesprite"
+HELPER_FILES = ("postprocess.py", "fileio.py", "text_reference.py")
+# A text encoder unchanged from a public one is saved as its name only (``text_encoder_name``): these two
+# components are then absent from the folder and loaded by that name.
+REFERENCE_COMPONENTS = ("text_encoder", "tokenizer")
+# Models that ship inside the pokediff package, loadable offline by their hub-style name: name -> folder under
+# pokediff/pretrained/. Any other name goes to the hub as usual.
+SHIPPED_MODELS = {"pokediff/pokediff-64": "pokediff-64"}
+DEFAULT_MODEL = "pokediff/pokediff-64"
+# Shipped component module -> the installed module `PokeSpritePipeline.from_pretrained` loads the class from.
+INSTALLED_MODULES = {"sprite_vae": "pokediff.models.vae"}
+
+
+def shipped_model_path(name) -> Path | None:
+    """The packaged folder of a shipped model's name (``pokediff/pokediff-64``), or None for any other name.
+
+    (In a folder's copy of this file, run by ``trust_remote_code`` without pokediff, nothing is shipped.)
+    """
+    folder = SHIPPED_MODELS.get(os.fspath(name)) if isinstance(name, (str, os.PathLike)) else None
+    path = Path(__file__).resolve().parent / "pretrained" / folder if folder else None
+    return path if path is not None and (path / "model_index.json").is_file() else None
+
+
+def _module_file_name(class_name: str) -> str:
+    """SpriteVAE -> sprite_vae: the name a custom component's code is saved under in its subfolder."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name).lower()
+
+
+def _is_library(module_name) -> bool:
+    # diffusers / transformers classes load from the library; anything else is custom code that must ship
+    return module_name is None or module_name.split(".")[0] in LOADABLE_CLASSES
+
+
+def _is_our_class_name(class_name) -> bool:
+    # "PokeSpritePipeline" (folders saved before custom-code loading) or ["pipeline_pokesprite", "PokeSpritePipeline"]
+    if isinstance(class_name, (list, tuple)) and len(class_name) == 2:
+        class_name = class_name[1]
+    return class_name == "PokeSpritePipeline"
+
+
+class PokeSpritePipeline(DiffusionPipeline):
+    r"""Text-to-sprite latent diffusion.
+
+    Components: ``vae`` (:class:`~pokediff.models.vae.SpriteVAE`), ``unet`` (``UNet2DConditionModel`` with
+    ``encoder_hid_dim`` = text width), ``text_encoder`` + ``tokenizer`` (a transformers BERT-family model),
+    ``scheduler`` (DPM-Solver++ by default; DDIM/DDPM via ``from_config``). Config: ``max_text_length`` (tokens)
+    and ``background`` (the RGB colour sprites were composited on in training).
+
+    ``text_encoder_name`` (a hub id, e.g. ``sentence-transformers/all-MiniLM-L6-v2``): the text encoder is that
+    public model, unchanged. Without ``text_encoder`` / ``tokenizer`` it is loaded by name (packaged copy first),
+    and ``save_pretrained`` writes the name instead of the weights while they still equal what was loaded.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = list(REFERENCE_COMPONENTS)
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: ModelMixin,
+        unet: UNet2DConditionModel,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        scheduler: SchedulerMixin,  # keyword-only: required, after the two optional components
+        max_text_length: int = 32,
+        background: list = (255, 255, 255),
+        text_encoder_name: str | None = None,
+    ):
+        super().__init__()
+        if text_encoder is None or tokenizer is None:
+            if not text_encoder_name:
+                raise ValueError("PokeSpritePipeline needs text_encoder and tokenizer, or a text_encoder_name")
+            tokenizer, text_encoder = load_reference_text_encoder(text_encoder_name)
+        # weights at construction: save_pretrained writes the name only while they are unchanged
+        self._reference_fingerprint = weights_fingerprint(text_encoder) if text_encoder_name else None
+        background = [int(c) for c in background]
+        if len(background) != 3 or not all(0 <= c <= 255 for c in background):
+            raise ValueError(f"background must be 3 integers in 0..255 (RGB), got {background}")
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"unet.in_channels ({unet.config.in_channels}) != vae.latent_channels ({vae.config.latent_channels})"
+            )
+        text_dim = text_encoder.config.hidden_size
+        if unet.config.encoder_hid_dim not in (None, text_dim):
+            raise ValueError(f"unet.encoder_hid_dim ({unet.config.encoder_hid_dim}) != text encoder width ({text_dim})")
+        model_max = getattr(tokenizer, "model_max_length", None)
+        if int(max_text_length) < 2 or (model_max is not None and model_max < 100_000 and max_text_length > model_max):
+            raise ValueError(f"max_text_length must be 2..{model_max} tokens for this tokenizer, got {max_text_length}")
+        self.register_modules(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(
+            max_text_length=int(max_text_length), background=background, text_encoder_name=text_encoder_name
+        )
+
+    def text_encoder_saved_by_name(self) -> bool:
+        """Whether ``save_pretrained`` writes the text encoder as its name (its weights are the public ones)."""
+        if self._reference_fingerprint is None:
+            return False
+        if weights_fingerprint(self.text_encoder) == self._reference_fingerprint:
+            return True
+        logger.warning(
+            "the text encoder changed since it was loaded as %s: it is saved in full", self.config.text_encoder_name
+        )
+        return False
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved folder or hub id with the installed pokediff classes (safetensors only).
+
+        The folder's own code is not run (that is what ``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`` does); local folders are checked first for clear errors. A shipped model's
+        name (``pokediff/pokediff-64``) loads the packaged folder with no network, unless a ``revision`` of
+        the hub repo is asked for.
+        """
+        shipped = shipped_model_path(pretrained_model_name_or_path)
+        if shipped is not None and kwargs.get("revision") is None:
+            pretrained_model_name_or_path = shipped
+        path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
+        if path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")):
+            check_pipeline_folder(path)
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``model_index.json`` with its custom-code entries pointed at the installed classes.
+
+        diffusers would load ``["pipeline_pokesprite", ...]`` and ``["sprite_vae", ...]`` from the folder's files
+        (and ask for ``trust_remote_code``); this class is that pipeline already, and the VAE class comes from the
+        installed package. Folders saved before (``"PokeSpritePipeline"``, ``["pokediff.models.vae", ...]``) pass as is.
+        """
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if _is_our_class_name(config.get("_class_name")):
+            config["_class_name"] = cls.__name__
+        for name, entry in config.items():
+            if name.startswith("_") or not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                continue
+            module = INSTALLED_MODULES.get(entry[0], entry[0])
+            if module in INSTALLED_MODULES.values():
+                try:
+                    importlib.import_module(module)  # diffusers resolves it from sys.modules
+                except ImportError:  # this is the folder's copy, without pokediff: keep its own code
+                    continue
+                config[name] = [module, entry[1]]
+        return loaded
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Fetch a hub repo's files (safetensors weights only) without resolving, or running, its code."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(
+                pretrained_model_name,
+                cache_dir=kwargs.get("cache_dir"),
+                revision=kwargs.get("revision"),
+                token=kwargs.get("token"),
+                proxies=kwargs.get("proxies"),
+                force_download=kwargs.get("force_download", False),
+                local_files_only=kwargs.get("local_files_only", False),
+                ignore_patterns=["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.h5"],
+            )
+        except LocalEntryNotFoundError as err:  # offline, or the hub unreachable: say so, as diffusers does
+            raise EnvironmentError(
+                f"Cannot load model {pretrained_model_name}: the model is not fully cached locally and the Hub "
+                f"cannot be reached ({err})"
+            ) from err
+
+    # -------------------------------------------------------------- saving
+    def save_pretrained(
+        self,
+        save_directory,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size=None,
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ):
+        """``DiffusionPipeline.save_pretrained``, written atomically, plus the code a ``trust_remote_code`` load runs.
+
+        Everything is written to a temporary folder beside the target first; each entry is then swapped in
+        (a folder swap is atomic) and ``model_index.json`` goes last. Entries of an existing folder that the
+        pipeline does not write (``README.md``) are kept, but a component folder it no longer writes is removed.
+        An unchanged public text encoder is written as its name only (``text_encoder_name``). The folder's size is
+        logged. ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``commit_message``,
+        ``create_pr``) uploads the folder as diffusers does.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        by_name = self.text_encoder_saved_by_name()
+        kept = {name: getattr(self, name) for name in REFERENCE_COMPONENTS}
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+        try:
+            if by_name:  # diffusers skips an optional component registered as None
+                self.register_modules(**dict.fromkeys(REFERENCE_COMPONENTS))
+            super().save_pretrained(
+                tmp,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                use_flashpack=use_flashpack,
+            )
+            self._save_code(tmp)
+            target.mkdir(exist_ok=True)
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+                swap_into_place(entry, target / entry.name)
+            for name in REFERENCE_COMPONENTS if by_name else ():
+                shutil.rmtree(target / name, ignore_errors=True)  # a stale full copy would contradict the index
+        finally:
+            if by_name:
+                self.register_modules(**kept)
+            shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        logger.info("saved pipeline %s (%.1f MB)", target, size / 1e6)
+        if push_to_hub:
+            self._push_folder(target, **kwargs)
+
+    def _save_code(self, folder: Path) -> None:
+        """Copy this module, its helpers and each custom component's module into ``folder``; name them in the index."""
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text())
+        here = Path(inspect.getsourcefile(PokeSpritePipeline))
+        shutil.copyfile(here, folder / f"{PIPELINE_FILE}.py")
+        for name in HELPER_FILES:
+            shutil.copyfile(here.parent / name, folder / name)
+        index["_class_name"] = [PIPELINE_FILE, PokeSpritePipeline.__name__]
+        for name in PIPELINE_COMPONENTS:
+            library, class_name = index[name]
+            if library is None or _is_library(library):
+                continue
+            module = _module_file_name(class_name)
+            shutil.copyfile(inspect.getsourcefile(type(getattr(self, name))), folder / name / f"{module}.py")
+            index[name] = [module, class_name]
+        tmp = folder / ".model_index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        swap_into_place(tmp, index_file)
+
+    def _push_folder(self, folder: Path, **kwargs):
+        # what DiffusionPipeline.save_pretrained(push_to_hub=True) does, on the folder just swapped in
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+        from huggingface_hub import create_repo
+
+        token = kwargs.pop("token", None)
+        repo_id = kwargs.pop("repo_id", folder.name)
+        repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+        card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        tmp = folder / ".README.md.tmp"
+        card.save(tmp)
+        swap_into_place(tmp, folder / "README.md")
+        return self._upload_folder(
+            folder,
+            repo_id,
+            token=token,
+            commit_message=kwargs.pop("commit_message", None),
+            create_pr=kwargs.pop("create_pr", False),
+        )
+
+    # -------------------------------------------------------------- properties
+    @property
+    def latent_size(self) -> int:
+        return self.vae.latent_size()
+
+    @property
+    def resolution(self) -> int:
+        return self.vae.config.sample_size
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    # -------------------------------------------------------------- inputs
+    @staticmethod
+    def _check_prompt(prompt, name: str) -> int:
+        """Raise unless ``prompt`` is a string or a non-empty list of strings; returns how many prompts."""
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, (list, tuple)):
+            if len(prompt) == 0:
+                raise ValueError(f'`{name}` is an empty list; give at least one prompt ("" = unconditional)')
+            bad = [p for p in prompt if not isinstance(p, str)]
+            if bad:
+                raise ValueError(f"`{name}` must hold strings only; got {type(bad[0]).__name__} {bad[0]!r}")
+            return len(prompt)
+        raise ValueError(f"`{name}` must be a string or a list of strings, got {type(prompt).__name__} {prompt!r}")
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        output_type,
+        latents,
+        rgba,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        num_prompts = self._check_prompt(prompt, "prompt")
+        if negative_prompt is not None:
+            num_negatives = self._check_prompt(negative_prompt, "negative_prompt")
+            if num_negatives not in (1, num_prompts):
+                raise ValueError(
+                    f"`negative_prompt` has {num_negatives} entries but `prompt` has {num_prompts}; give one or as many"
+                )
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or isinstance(guidance_scale, bool)
+            or not guidance_scale >= 1
+            or math.isinf(guidance_scale)
+        ):
+            # `not >= 1` also refuses NaN, which would otherwise switch guidance off without a word
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), "
+                f"got {guidance_scale!r}"
+            )
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if rgba and output_type == "latent":
+            raise ValueError("`rgba=True` needs decoded images; it cannot be combined with output_type='latent'")
+        if latents is not None:
+            expected = (
+                num_prompts * num_images_per_prompt,
+                self.unet.config.in_channels,
+                self.latent_size,
+                self.latent_size,
+            )
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("`callback_on_step_end` must be callable")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}"
+            )
+
+    # -------------------------------------------------------------- text
+    def _tokenize(self, captions: list[str]):
+        """Pad/truncate to ``max_text_length`` tokens, as training does; warns when captions are cut."""
+        max_length = self.config.max_text_length
+        full = self.tokenizer(captions, padding=False, truncation=False)["input_ids"]
+        cut = sum(len(ids) > max_length for ids in full)
+        if cut:
+            logger.warning(
+                "%d of %d captions are longer than %d tokens and were truncated", cut, len(captions), max_length
+            )
+        return self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+
+    @torch.no_grad()
+    def _embed(self, captions: list[str], device, num_images_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self._tokenize(captions)
+        input_ids = tokens["input_ids"].to(device)
+        mask = tokens["attention_mask"].to(device)
+        embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.to(self.unet.dtype)
+        return embeds.repeat_interleave(num_images_per_prompt, dim=0), mask.repeat_interleave(
+            num_images_per_prompt, dim=0
+        )
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt=None,
+    ):
+        """Text embeddings and masks: ``(prompt_embeds, prompt_mask, negative_embeds, negative_mask)``.
+
+        ``prompt`` / ``negative_prompt``: a string or a list of strings (one negative serves every prompt).
+        The unconditional embedding is that of the empty caption "" (as in training's caption dropout)
+        unless ``negative_prompt`` is given; the negatives are None without guidance.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds, mask = self._embed(prompts, device, num_images_per_prompt)
+        if not do_classifier_free_guidance:
+            return embeds, mask, None, None
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+        negative_embeds, negative_mask = self._embed(negatives, device, num_images_per_prompt)
+        return embeds, mask, negative_embeds, negative_mask
+
+    # -------------------------------------------------------------- latents / decoding
+    def prepare_latents(self, batch_size: int, dtype, device, generator, latents=None) -> torch.Tensor:
+        shape = (batch_size, self.unet.config.in_channels, self.latent_size, self.latent_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt); "
+                "pass one generator or exactly one per image"
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def decode_latents(self, latents, prompt_embeds=None, prompt_mask=None) -> torch.Tensor:
+        """Scaled latents -> RGB images (N, 3, H, W) in [0, 1]."""
+        latents = self.vae.unscale_latents(latents)
+        cross = self.vae.decoder_cross_attn is not None
+        image = self.vae.decode(
+            latents.to(self.vae.dtype),
+            encoder_hidden_states=prompt_embeds.to(self.vae.dtype) if cross else None,
+            encoder_attention_mask=prompt_mask if cross else None,
+        ).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def prepare_extra_step_kwargs(self, generator) -> dict:
+        # only the stochastic samplers (DDPM, SDE DPM-Solver) take a generator
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def denoise(
+        self,
+        latents,
+        timesteps,
+        prompt_embeds,
+        prompt_mask,
+        negative_prompt_embeds,
+        negative_mask,
+        extra_step_kwargs: dict,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling loop; returns the final latents and the (possibly callback-replaced) prompt embeddings."""
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.do_classifier_free_guidance:
+                    model_input = torch.cat([latents, latents])
+                    text = torch.cat([negative_prompt_embeds, prompt_embeds])
+                    text_mask = torch.cat([negative_mask, prompt_mask])
+                else:
+                    model_input, text, text_mask = latents, prompt_embeds, prompt_mask
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=text, encoder_attention_mask=text_mask, return_dict=False
+                )[0]
+                if self.do_classifier_free_guidance:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + self.guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local_tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {k: local_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        return latents, prompt_embeds
+
+    def postprocess(self, images: torch.Tensor, output_type: str, rgba: bool, rgba_tolerance: float):
+        """RGB (N, 3, H, W) in [0, 1] -> the requested output type, with the background keyed out if ``rgba``."""
+        if rgba:
+            images = add_alpha(images, self.config.background, rgba_tolerance)
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "pil":
+            return to_pil(images)
+        return images
+
+    # -------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        rgba: bool = False,
+        rgba_tolerance: float = DEFAULT_RGBA_TOLERANCE,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""Generate sprites.
+
+        Args:
+            prompt: a caption or a list of captions; "" samples unconditionally.
+            negative_prompt: replaces the empty caption on the unconditional side of guidance.
+            num_inference_steps: denoising steps (>= 1).
+            guidance_scale: classifier-free guidance weight (>= 1; 1 disables guidance).
+            num_images_per_prompt: images per caption.
+            generator: a ``torch.Generator`` or one per image, for reproducible sampling.
+            latents: initial noise (N, C, h, w), instead of sampling it.
+            output_type: "pil" | "np" (N, H, W, C) | "pt" (N, C, H, W) in [0, 1] | "latent".
+            rgba: add an alpha channel with the background colour keyed out (see ``postprocess.background_alpha``).
+            rgba_tolerance: per-channel distance in [0, 1] still treated as background.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step.
+
+        Returns:
+            ``ImagePipelineOutput(images)`` (or a tuple if ``return_dict=False``).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            latents,
+            rgba,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+
+        # 2. Define call parameters
+        batch_size = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        device = self._execution_device
+
+        # 3. Encode the prompts (and the negatives / "" for classifier-free guidance)
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        )
+
+        # 4. Prepare timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 5. Prepare latent variables
+        latents = self.prepare_latents(batch_size, prompt_embeds.dtype, device, generator, latents)
+
+        # 6. Prepare extra step kwargs
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+
+        # 7. Denoising loop
+        latents, prompt_embeds = self.denoise(
+            latents,
+            timesteps,
+            prompt_embeds,
+            prompt_mask,
+            negative_prompt_embeds,
+            negative_mask,
+            extra_step_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+        # 8. Decode and convert to the requested output
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.postprocess(
+                self.decode_latents(latents, prompt_embeds, prompt_mask), output_type, rgba, rgba_tolerance
+            )
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+# ------------------------------------------------------------------------------------------ folders
+def check_pipeline_folder(path) -> dict:
+    """Raise a clear error unless ``path`` is a saved PokeSpritePipeline folder; returns its model_index."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pipeline folder not found: {path}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file, not a pipeline folder")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        hint = ""
+        if (path / "pipeline" / "model_index.json").is_file():
+            hint = f"; this looks like a training run folder, the pipeline is {path / 'pipeline'}"
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder: it has no model_index.json{hint}")
+    with open(index_file) as f:
+        index = json.load(f)
+    class_name = index.get("_class_name")
+    if not _is_our_class_name(class_name):
+        raise ValueError(f"{path} holds a {class_name!r} pipeline, not a {PokeSpritePipeline.__name__}")
+    for name in PIPELINE_COMPONENTS:
+        entry = index.get(name)
+        if name in REFERENCE_COMPONENTS and entry and entry[0] is None and index.get("text_encoder_name"):
+            continue  # loaded by name
+        if not entry or entry[0] is None:
+            raise ValueError(f"{index_file} lacks the '{name}' component")
+        if not (path / name).is_dir():
+            raise FileNotFoundError(f"pipeline folder {path} lacks the '{name}' component folder ({path / name})")
+    return index
