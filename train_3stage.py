@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from pokediff.config import CONFIG_DIR, ConfigError, load_config
@@ -205,12 +206,13 @@ def main(argv=None, accelerator=None) -> dict:
             print(format_plan(plan))
         return {"plan": plan}
 
-    from accelerate import PartialState
-
     from pokediff.training.plan import check_data_fits
 
-    # a batch larger than the data, or a split the filters emptied, is refused before any work
-    check_data_fits(cfg, stages, accelerator.num_processes if accelerator is not None else PartialState().num_processes)
+    # a batch larger than the data, or a split the filters emptied, is refused before any work. The process count
+    # comes from the launcher's environment: a PartialState made here, before the Accelerator (runtime.cpu...),
+    # would set up the process group differently from it
+    processes = accelerator.num_processes if accelerator is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    check_data_fits(cfg, stages, processes)
     own_accelerator = accelerator is None
     accelerator = build_accelerator(cfg, accelerator)
     outputs: dict = {}
