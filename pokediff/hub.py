@@ -168,7 +168,9 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
         steps = stages[stage]
         return f"Stage {stage}: ran for these weights" + (f", {steps} optimizer steps." if steps is not None else ".")
 
-    text_class = (_read_config(folder, "text_encoder").get("architectures") or ["pretrained text encoder"])[0]
+    index = Path(folder) / "model_index.json"
+    by_name = json.loads(index.read_text()).get("text_encoder_name") if index.is_file() else None
+    text_class = (_read_config(folder, "text_encoder").get("architectures") or ["text encoder"])[0]
     lines = [
         f"1. **VAE** (`vae/`): KL autoencoder, {_latent_geometry(_read_config(folder, 'vae'))}; L1 + perceptual + "
         f"annealed KL with free bits. {status(1)}",
@@ -181,8 +183,14 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
             f"denoising loss. {status(3)}"
         )
     else:
+        encoder = (
+            f"**Text encoder**: the public `{by_name}`, unchanged (the folder holds its name only, "
+            "`text_encoder_name`, and loads it by that name)"
+            if by_name
+            else f"**Text encoder** (`text_encoder/`): the pretrained {text_class}"
+        )
         lines.append(
-            f"3. **Text encoder** (`text_encoder/`): the pretrained {text_class}, frozen while the U-Net trained. "
+            f"3. {encoder}, frozen while the U-Net trained. "
             "Stage 3 (text encoder fine-tuning): did not run for these weights."
         )
     return "\n".join(lines)

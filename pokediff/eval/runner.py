@@ -500,34 +500,47 @@ def _diversity(sampler, settings, ref_split, rows, captions, types, data_cfg, pe
     return metrics, {}
 
 
+def _freeform_judged(sampler, settings, key, prompt_targets, seed_offset, judge, skip_reason, progress, desc):
+    """Samples of prompts a user would type (``prompt_targets``: (prompt, target) pairs, none of them a training
+    caption), ``settings.freeform_samples`` of each, judged by ``judge(batch)``: ((predictions, targets), {}),
+    or (None, {key: why it is skipped})."""
+    if skip_reason:
+        return None, {key: skip_reason}
+    if not settings.freeform_samples:
+        return None, {key: "turned off (--freeform-samples 0)"}
+    if isinstance(sampler, SavedSamples):
+        return None, {
+            key: "saved samples cannot answer new prompts: score the archive's free-form records with --sources "
+            f"freeform (their {key.removesuffix('_freeform')})"
+        }
+    prompts = [p for p, _ in prompt_targets for _ in range(settings.freeform_samples)]
+    targets = [t for _, t in prompt_targets for _ in range(settings.freeform_samples)]
+    predicted = []
+    for batch in sampler.sample(
+        prompts, None, seed=settings.seed + seed_offset, batch_size=settings.batch_size, progress=progress, desc=desc
+    ):
+        predicted.extend(judge(batch))
+    return (predicted, targets), {}
+
+
 def _freeform_colors(sampler, settings, progress):
-    """({"color_agreement_freeform"}, skipped reasons): the colour judge on prompts a user would type, none of
-    them a training caption; compare with ``color_agreement_real``, the judge's ceiling on real sprites."""
+    """({"color_agreement_freeform"}, skipped reasons): the colour judge on free-form prompts
+    (``pokediff.eval.prompts.FREEFORM_PROMPTS``); compare with ``color_agreement_real``, its ceiling on real sprites."""
     from .prompts import FREEFORM_PROMPTS
 
-    if not sampler.text_conditional:
-        return {}, {"color_agreement_freeform": _not_captioned(sampler)}
-    if not settings.freeform_samples:
-        return {}, {"color_agreement_freeform": "turned off (--freeform-samples 0)"}
-    if isinstance(sampler, SavedSamples):
-        return {}, {
-            "color_agreement_freeform": "saved samples cannot answer new prompts: score the archive's "
-            "free-form records with --sources freeform (their color_agreement)"
-        }
-    prompts = [p for p, _ in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
-    targets = [c for _, c in FREEFORM_PROMPTS for _ in range(settings.freeform_samples)]
-    predicted = []
-    # a seed range apart from the main and diversity samples'
-    for batch in sampler.sample(
-        prompts,
-        None,
-        seed=settings.seed + 2_000_003,
-        batch_size=settings.batch_size,
-        progress=progress,
-        desc="free-form prompts",
-    ):
-        predicted.extend(dominant_color(image, sampler.background) for image in batch)
-    return {"color_agreement_freeform": agreement_from_predictions(predicted, targets)["accuracy"]}, {}
+    key = "color_agreement_freeform"
+    judged, skipped = _freeform_judged(
+        sampler,
+        settings,
+        key,
+        FREEFORM_PROMPTS,
+        2_000_003,  # a seed range apart from the main and diversity samples'
+        lambda batch: [dominant_color(image, sampler.background) for image in batch],
+        None if sampler.text_conditional else _not_captioned(sampler),
+        progress,
+        "free-form prompts",
+    )
+    return ({key: agreement_from_predictions(*judged)["accuracy"]}, {}) if judged else ({}, skipped)
 
 
 def _shape_judge(settings: EvalSettings, sampler, train_split, data_cfg):
@@ -584,27 +597,20 @@ def _freeform_shapes(sampler, settings, judge, skip_reason: str | None, progress
     from .prompts import FREEFORM_SHAPE_PROMPTS
 
     key = "shape_agreement_freeform"
-    if skip_reason:
-        return {}, {key: skip_reason}, None
-    if not settings.freeform_samples:
-        return {}, {key: "turned off (--freeform-samples 0)"}, None
-    if isinstance(sampler, SavedSamples):
-        reason = "saved samples cannot answer new prompts: score the archive's free-form records with --sources"
-        return {}, {key: reason + " freeform (their shape_agreement)"}, None
-    prompts = [p for p, _ in FREEFORM_SHAPE_PROMPTS for _ in range(settings.freeform_samples)]
-    targets = [s for _, s in FREEFORM_SHAPE_PROMPTS for _ in range(settings.freeform_samples)]
-    predicted = []
-    # a seed range apart from the main, diversity and colour free-form samples'
-    for batch in sampler.sample(
-        prompts,
-        None,
-        seed=settings.seed + 3_000_003,
-        batch_size=settings.batch_size,
-        progress=progress,
-        desc="free-form shape prompts",
-    ):
-        predicted.extend(judge.predict(batch, sampler.background))
-    result = shape_agreement_from_predictions(predicted, targets)
+    judged, skipped = _freeform_judged(
+        sampler,
+        settings,
+        key,
+        FREEFORM_SHAPE_PROMPTS,
+        3_000_003,  # apart from the main, diversity and colour free-form samples' seeds
+        lambda batch: judge.predict(batch, sampler.background),
+        skip_reason,
+        progress,
+        "free-form shape prompts",
+    )
+    if not judged:
+        return {}, skipped, None
+    result = shape_agreement_from_predictions(*judged)
     return {key: result["accuracy"]}, {}, result["confusion"]
 
 

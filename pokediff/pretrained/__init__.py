@@ -3,7 +3,8 @@
 ``PokeSpritePipeline.from_pretrained("pokediff/pokediff-64")`` loads it offline (``pokediff.pipeline.SHIPPED_MODELS``);
 how it was trained and what it scores: its ``README.md`` and the project README, "The shipped model".
 
-    python -m pokediff.pretrained outputs/release/pipeline     # a trained pipeline -> pokediff/pretrained/pokediff-64
+    python -m pokediff.pretrained outputs/release/pipeline \
+        --record-sample tests/reference/pokediff-64_2step.png   # a trained pipeline -> pokediff/pretrained/pokediff-64
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ logger = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).resolve().parent
 DEFAULT_NAME = "pokediff-64"
 SIZE_LIMIT_BYTES = 32 * 2**20  # the repository travels whole to a GPU machine: the model stays small
+
+
+# the sample `tests/test_shipped_model.py` compares with the one recorded at export: any change of the weights or
+# of the loader shows
+REFERENCE_PROMPT = "a small green creature with a bulb on its back"
+
+
+def reference_sample(pipe):
+    """The shipped model's check sample: ``REFERENCE_PROMPT``, seed 0, 2 steps, default guidance (a PIL image)."""
+    return pipe(REFERENCE_PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
 
 
 def folder_size(path) -> int:
@@ -69,9 +80,24 @@ def main(argv=None) -> int:
     parser.add_argument("source", help="a trained pipeline folder, e.g. outputs/release/pipeline")
     parser.add_argument("--name", default=DEFAULT_NAME, help="folder under pokediff/pretrained/ (default: %(default)s)")
     parser.add_argument("--full-precision", action="store_true", help="keep the U-Net in float32")
+    parser.add_argument(
+        "--record-sample",
+        metavar="PNG",
+        help="also save the exported model's reference_sample() here (tests/reference/pokediff-64_2step.png)",
+    )
     args = parser.parse_args(argv)
     try:
         report = export_pipeline(args.source, SHIPPED_DIR / args.name, half=not args.full_precision)
+        if args.record_sample:
+            from pokediff.fileio import atomic_write
+            from pokediff.pipeline import PokeSpritePipeline
+
+            pipe = PokeSpritePipeline.from_pretrained(SHIPPED_DIR / args.name)
+            pipe.set_progress_bar_config(disable=True)
+            image = reference_sample(pipe)
+            with atomic_write(args.record_sample) as tmp:
+                image.save(tmp, format="PNG")
+            report["recorded_sample"] = args.record_sample
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -46,10 +46,12 @@ HELPER_FILES = ("postprocess.py", "fileio.py", "text_reference.py")
 # A text encoder unchanged from a public one is saved as its name only (``text_encoder_name``): these two
 # components are then absent from the folder and loaded by that name.
 REFERENCE_COMPONENTS = ("text_encoder", "tokenizer")
+WEIGHTED_COMPONENTS = ("vae", "unet", "text_encoder")
 # Models that ship inside the pokediff package, loadable offline by their hub-style name: name -> folder under
 # pokediff/pretrained/. Any other name goes to the hub as usual.
 SHIPPED_MODELS = {"pokediff/pokediff-64": "pokediff-64"}
 DEFAULT_MODEL = "pokediff/pokediff-64"
+SHIPPED_ROOT = Path(__file__).resolve().parent / "pretrained"
 # Shipped component module -> the installed module `PokeSpritePipeline.from_pretrained` loads the class from.
 INSTALLED_MODULES = {"sprite_vae": "pokediff.models.vae"}
 
@@ -60,8 +62,9 @@ def shipped_model_path(name) -> Path | None:
     (In a folder's copy of this file, run by ``trust_remote_code`` without pokediff, nothing is shipped.)
     """
     folder = SHIPPED_MODELS.get(os.fspath(name)) if isinstance(name, (str, os.PathLike)) else None
-    path = Path(__file__).resolve().parent / "pretrained" / folder if folder else None
-    return path if path is not None and (path / "model_index.json").is_file() else None
+    # inside the package the folder is returned even when damaged, so loading names what is missing instead of
+    # asking the hub for a model the package should hold
+    return SHIPPED_ROOT / folder if folder and SHIPPED_ROOT.is_dir() else None
 
 
 def _module_file_name(class_name: str) -> str:
@@ -158,6 +161,13 @@ class PokeSpritePipeline(DiffusionPipeline):
         """
         shipped = shipped_model_path(pretrained_model_name_or_path)
         if shipped is not None and kwargs.get("revision") is None:
+            try:
+                check_pipeline_folder(shipped)
+            except (OSError, ValueError) as err:
+                raise type(err)(
+                    f"the shipped model {pretrained_model_name_or_path} is damaged: {err}; reinstall pokediff "
+                    f"(pip install --force-reinstall pokediff) or restore the file from git"
+                ) from err
             pretrained_model_name_or_path = shipped
         path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
         if path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")):
@@ -659,4 +669,27 @@ def check_pipeline_folder(path) -> dict:
             raise ValueError(f"{index_file} lacks the '{name}' component")
         if not (path / name).is_dir():
             raise FileNotFoundError(f"pipeline folder {path} lacks the '{name}' component folder ({path / name})")
+        if name in WEIGHTED_COMPONENTS:
+            _check_component_files(path / name)
     return index
+
+
+def _check_component_files(folder: Path) -> None:
+    """A component folder's config parses and its safetensors weights are whole (headers only: cheap), so a
+    damaged or missing file is named before diffusers fails somewhere inside loading."""
+    from safetensors import safe_open
+
+    for config in folder.glob("*.json"):
+        try:
+            json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {config} is damaged ({err})") from err
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"pipeline component folder {folder} has no .safetensors weights file")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # noqa: BLE001 - any failure to read the header means the file is damaged
+            raise ValueError(f"weights file {file} is damaged ({str(err).splitlines()[0][:120]})") from err
