@@ -7,13 +7,11 @@ else is a bug and keeps its traceback. Messages name the file, flag or value at 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -169,26 +167,13 @@ def _check_nearest_existing_folder(path: Path, candidates, flag: str) -> None:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def verify_checkpoint_files(folder) -> None:
-    """Read every file of a checkpoint folder far enough to know it is whole; ``CheckpointError`` names the
-    first bad one. JSON is parsed, safetensors headers checked against the file size, torch zip archives
-    CRC-checked (nothing is unpickled)."""
-    from safetensors import safe_open
+    """Read every file of a checkpoint folder far enough to know it is whole (``fileio.check_file_whole``);
+    ``CheckpointError`` names the first bad one."""
+    from pokediff.fileio import check_file_whole
 
-    folder = Path(folder)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
-            if file.suffix == ".json":
-                json.loads(file.read_text())
-            elif file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt") as f:
-                    f.keys()
-            elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):
-                if not zipfile.is_zipfile(file):
-                    raise ValueError("not a torch archive (truncated or overwritten)")
-                with zipfile.ZipFile(file) as archive:
-                    bad = archive.testzip()
-                if bad is not None:
-                    raise ValueError(f"damaged entry {bad}")
+            check_file_whole(file)
         except Exception as err:  # noqa: BLE001 - any failure to read it means the file is damaged
             raise CheckpointError(f"checkpoint file {file} is damaged: {_short(err)}") from err
 

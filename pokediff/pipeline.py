@@ -29,7 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .fileio import swap_into_place
+from .fileio import check_file_whole, swap_into_place
 from .postprocess import DEFAULT_RGBA_TOLERANCE, add_alpha, to_pil
 from .text_reference import load_reference_text_encoder, weights_fingerprint
 
@@ -169,9 +169,10 @@ class PokeSpritePipeline(DiffusionPipeline):
                     f"(pip install --force-reinstall pokediff) or restore the file from git"
                 ) from err
             pretrained_model_name_or_path = shipped
-        path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
-        if path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")):
-            check_pipeline_folder(path)
+        else:
+            path = Path(os.fspath(pretrained_model_name_or_path)).expanduser()
+            if path.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")):
+                check_pipeline_folder(path)
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -677,19 +678,17 @@ def check_pipeline_folder(path) -> dict:
 def _check_component_files(folder: Path) -> None:
     """A component folder's config parses and its safetensors weights are whole (headers only: cheap), so a
     damaged or missing file is named before diffusers fails somewhere inside loading."""
-    from safetensors import safe_open
+
+    def check(file: Path, kind: str) -> None:
+        try:
+            check_file_whole(file)
+        except Exception as err:  # noqa: BLE001 - any failure to read it means the file is damaged
+            raise ValueError(f"{kind} file {file} is damaged ({str(err).splitlines()[0][:120]})") from err
 
     for config in folder.glob("*.json"):
-        try:
-            json.loads(config.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"config file {config} is damaged ({err})") from err
+        check(config, "config")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"pipeline component folder {folder} has no .safetensors weights file")
     for file in weights:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except Exception as err:  # noqa: BLE001 - any failure to read the header means the file is damaged
-            raise ValueError(f"weights file {file} is damaged ({str(err).splitlines()[0][:120]})") from err
+        check(file, "weights")

@@ -40,12 +40,17 @@ def folder_size(path) -> int:
 
 @torch.no_grad()
 def export_pipeline(
-    source, dest, half: bool = True, check_prompts: tuple[str, ...] = ("a small green creature",)
+    source,
+    dest,
+    half: bool = True,
+    check_prompts: tuple[str, ...] = ("a small green creature",),
+    record_sample=None,
 ) -> dict:
     """Save the pipeline folder ``source`` as ``dest`` with the U-Net's weights in half precision (loaded back as
     float32, as diffusers does by default); the VAE stays float32 (2.6 MB: it defines the latents a later chunk
     trains on). The model card comes along. Returns the folder size and the largest pixel change half precision
-    makes on a few seeded samples (fp32 weights vs half)."""
+    makes on a few seeded samples (fp32 weights vs half); ``record_sample`` (a .png path) also saves the exported
+    model's ``reference_sample()``."""
     from pokediff.pipeline import PokeSpritePipeline
 
     source, dest = Path(source), Path(dest)
@@ -69,10 +74,16 @@ def export_pipeline(
     shipped = PokeSpritePipeline.from_pretrained(dest)
     shipped.set_progress_bar_config(disable=True)
     change = (draw(reference) - draw(shipped)).abs().max().item() * 255
+    if record_sample is not None:  # the exported weights' reference_sample(), which the shipped-model test redraws
+        from pokediff.fileio import atomic_write
+
+        with atomic_write(record_sample) as tmp:
+            reference_sample(shipped).save(tmp, format="PNG")
     size = folder_size(dest)
     if size > SIZE_LIMIT_BYTES:
         raise ValueError(f"{dest} is {size / 2**20:.1f} MiB, over the {SIZE_LIMIT_BYTES / 2**20:.0f} MiB limit")
-    return {"folder": str(dest), "size_mib": round(size / 2**20, 2), "max_pixel_change_of_half_precision": change}
+    report = {"folder": str(dest), "size_mib": round(size / 2**20, 2), "max_pixel_change_of_half_precision": change}
+    return {**report, "recorded_sample": str(record_sample)} if record_sample is not None else report
 
 
 def main(argv=None) -> int:
@@ -87,17 +98,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        report = export_pipeline(args.source, SHIPPED_DIR / args.name, half=not args.full_precision)
-        if args.record_sample:
-            from pokediff.fileio import atomic_write
-            from pokediff.pipeline import PokeSpritePipeline
-
-            pipe = PokeSpritePipeline.from_pretrained(SHIPPED_DIR / args.name)
-            pipe.set_progress_bar_config(disable=True)
-            image = reference_sample(pipe)
-            with atomic_write(args.record_sample) as tmp:
-                image.save(tmp, format="PNG")
-            report["recorded_sample"] = args.record_sample
+        report = export_pipeline(
+            args.source, SHIPPED_DIR / args.name, half=not args.full_precision, record_sample=args.record_sample
+        )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,13 +3,16 @@
 Every save goes through ``swap_into_place``, which also gives what it puts in place the modes any new file
 gets (``0o666 & ~umask``, folders ``0o777 & ~umask``; a replaced file keeps its own mode): temporary files and
 folders are created private (``mkstemp``, ``mkdtemp``, and safetensors' own temporary file: safetensors#782),
-and a model folder copied or shared with another account must stay readable.
+and a model folder copied or shared with another account must stay readable. ``check_file_whole`` reads a
+saved file back far enough to know it is whole.
 """
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -103,3 +106,23 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def check_file_whole(path) -> None:
+    """Read a saved file far enough to know it is whole: JSON parsed, a safetensors header checked against the file
+    size, a torch zip archive CRC-checked (nothing is unpickled); other suffixes pass. Raises what the reader raises."""
+    path = Path(path)
+    if path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a torch archive (truncated or overwritten)")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"damaged entry {bad}")
