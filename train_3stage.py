@@ -233,10 +233,10 @@ def main(argv=None, accelerator=None) -> dict:
             logger.warning("stage 2 stopped at stage2.max_minutes: stage 3 waits for it (--resume latest)")
             stages = stages[: stages.index("3")]
     if "3" in stages:
-        from pokediff.training.stage3_text import train_stage3
+        from pokediff.training.stage3_reward import train_stage3
 
         outputs["pipeline"] = train_stage3(cfg, vae_path, unet_path, accelerator, resume=resume_for["3"])
-        if cfg.stage3.gate_samples and accelerator.is_main_process:
+        if accelerator.is_main_process:
             from pokediff.training.stage3_gate import gate_stage3
 
             outputs["stage3_gate"] = gate_stage3(cfg, run, accelerator.device)["kept"]

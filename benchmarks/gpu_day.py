@@ -216,7 +216,7 @@ def train_phase(run: Run, args, work: Path) -> dict:
     from pokediff.training.setup import build_accelerator, run_dir
     from pokediff.training.stage1_vae import train_stage1
     from pokediff.training.stage2_unet import train_stage2
-    from pokediff.training.stage3_text import train_stage3
+    from pokediff.training.stage3_reward import train_stage3
 
     targs = train_3stage.parse_args(
         ["--config", args.config, "--output-dir", str(work), "--experiment-name", "gpu_day", *args.overrides]

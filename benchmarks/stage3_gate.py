@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Run the stage-3 gate on a finished run folder (one trained before the gate existed, or to re-judge).
+"""Run the stage-3 gate again on a run folder whose stage 3 finished (to re-judge it, e.g. with other settings).
 
-    python benchmarks/stage3_gate.py outputs/cpu            # judges outputs/cpu/pipeline in place
+    python benchmarks/stage3_gate.py outputs/cpu            # judges outputs/cpu/unet_stage3 in place
 
-It compares the pipeline's text encoder (stage 3's) with the pretrained one on ``stage3.gate_samples`` training
-captions that name a colour, puts the pretrained one back when stage 3 does not win, and records the verdict in
-``stage3_metrics.json`` and the model card (``pokediff/training/stage3_gate.py``). Prints the verdict as JSON.
+It draws ``stage3.gate_samples`` training captions (kept out of stage 3's reward) with stage 2's U-Net and with
+stage 3's, scores colour agreement, body-shape balanced accuracy and KID, writes ``<run>/pipeline`` with the U-Net
+the rule keeps, and records the verdict in ``stage3_metrics.json`` and the model card
+(``pokediff/training/stage3_gate.py``). Prints the verdict as JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def main(argv=None) -> dict:
     from pokediff.config import load_config
     from pokediff.training.stage3_gate import gate_stage3
 
-    for needed in ("config.yaml", "pipeline/model_index.json"):
+    for needed in ("config.yaml", "pipeline/model_index.json", "stage3_metrics.json", "unet_stage3/config.json"):
         if not (args.run / needed).is_file():
-            raise SystemExit(f"error: {args.run} is not a finished run folder (no {needed})")
+            raise SystemExit(f"error: {args.run} has no finished stage 3 (no {needed})")
     started = time.perf_counter()
     verdict = gate_stage3(load_config(args.run / "config.yaml"), args.run, args.device)
     verdict["wall_s"] = round(time.perf_counter() - started, 1)

@@ -224,21 +224,28 @@ class ClipConfig:
 
 @dataclass
 class Stage3Config:
-    epochs: int = 10
-    batch_size: int = 16
+    # reward fine-tuning of the U-Net's text cross-attention (keys and values) through the sampler: ReFL / DRaFT+
+    # (pokediff/training/stage3_reward.py)
+    epochs: int = 1  # passes over the reward prompts (the training captions the gate does not judge on)
+    batch_size: int = 8  # prompts per update: each is sampled to a random step, then one U-Net call with gradients
     learning_rate: float = 5e-5
-    weight_decay: float = 1e-2
+    weight_decay: float = 0.0  # AdamW decays towards 0, not towards stage 2's weights: the KL term anchors instead
     warmup_fraction: float = 0.1  # OneCycleLR pct_start
     grad_clip: float = 1.0
-    clip_weight: float = 1.0  # 1 - cos(CLIP(decoded x0 prediction), CLIP(caption))
-    denoise_weight: float = 1.0  # stage 2's denoising loss under the fine-tuned encoder (keeps the U-Net's input)
-    anchor_weight: float = 0.0  # MSE to the original encoder's token embeddings (0 = off)
-    null_anchor_weight: float = 0.0  # MSE of the "" embedding (guidance's unconditional input) to the original
-    clip_max_timestep_fraction: float = 0.5  # CLIP term noises to t < this x T (x0 predictions stay legible)
-    eval_num_prompts: int = 32  # val captions sampled for the before/after CLIP score
-    # the gate: keep stage 3's text encoder only if colour agreement on this many training captions beats
-    # stage 2's (a judge stage 3 does not train against); 0 keeps stage 3 unjudged
-    gate_samples: int = 128
+    reward_weight: float = 0.1  # x the CLIP's log-probability of each sample's own caption among all training captions
+    kl_weight: float = 1.0  # x mean squared difference to the frozen stage-2 U-Net's output on the same input
+    denoise_weight: float = 1.0  # x stage 2's denoising loss on real latents
+    denoise_batch_size: int = 16  # real latents per update for the denoising term
+    reward_step_range: list = field(default_factory=lambda: [0.25, 0.75])  # where in the sampler's steps to score
+    # the captions the reward prompts with and tells apart: "visual" = what a picture can show ("a {colour} {type}
+    # type pokémon {shape}"), "dataset" = the dataset caption (names and Pokédex text no picture shows)
+    reward_captions: str = "visual"
+    max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues
+    eval_num_prompts: int = 32  # val captions sampled for the before/after reward (trained against: the log only)
+    # the gate (stage3_gate.py): stage 3's U-Net ships only if colour or body-shape agreement on this many training
+    # captions goes up, neither goes down, and KID rises by at most gate_max_kid_increase; 0 keeps it unjudged
+    gate_samples: int = 256
+    gate_max_kid_increase: float = 0.05
 
 
 @dataclass
@@ -638,14 +645,22 @@ def _check_stages(c: ConfigChecker) -> None:
     c.positive("clip.domain_learning_rate")
     c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance")
     c.choice("clip.domain_image_backbone", PERCEPTUAL_NETS)
-    c.non_negative("stage3.clip_weight", "stage3.denoise_weight", "stage3.anchor_weight", "stage3.null_anchor_weight")
-    if c.value("stage3.clip_weight") + c.value("stage3.denoise_weight") == 0:
+    c.non_negative("stage3.reward_weight", "stage3.kl_weight", "stage3.denoise_weight", "stage3.gate_max_kid_increase")
+    if c.value("stage3.reward_weight") == 0:
+        c.fail("stage3.reward_weight", c.value("stage3.reward_weight"), "must be > 0 (stage 3 would learn no reward)")
+    c.ints_at_least(1, "stage3.denoise_batch_size")
+    c.choice("stage3.reward_captions", ("visual", "dataset"))
+    c.positive("stage3.max_minutes", optional=True)
+    steps = c.value("stage3.reward_step_range")
+    if not (
+        isinstance(steps, (list, tuple))
+        and len(steps) == 2
+        and all(_is_number(v) and 0 <= v <= 1 for v in steps)
+        and steps[0] <= steps[1]
+    ):
         c.fail(
-            "stage3.clip_weight",
-            c.value("stage3.clip_weight"),
-            "must be > 0 when stage3.denoise_weight is 0 (the text encoder would learn nothing)",
+            "stage3.reward_step_range", steps, "must be [low, high] with 0 <= low <= high <= 1 (fractions of the steps)"
         )
-    c.fraction("stage3.clip_max_timestep_fraction", low_open=True)
 
 
 def validate_config(cfg: Config) -> Config:

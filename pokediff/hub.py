@@ -30,7 +30,7 @@ SPLITS = ("train", "val", "test")
 # an absolute path of the machine that wrote the card (/tmp/..., /home/...): a card never names one
 _LOCAL_PATH = re.compile(r"(?<![\w./])/(?:[^\s/:,;()'\"]+/)+([^\s/:,;()'\"]*)")
 
-STAGE_NAMES = {1: "stage 1 (VAE)", 2: "stage 2 (U-Net)", 3: "stage 3 (text encoder)"}
+STAGE_NAMES = {1: "stage 1 (VAE)", 2: "stage 2 (U-Net)", 3: "stage 3 (U-Net text cross-attention)"}
 
 _ARTWORK_NOTE = (
     "The training artwork is © Nintendo / Creatures Inc. / GAME FREAK inc. / The Pokémon Company; it is used "
@@ -177,22 +177,21 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
         "2. **U-Net** (`unet/`): `UNet2DConditionModel` denoiser on the latents, text cross-attention, EMA weights, "
         f"caption dropout for classifier-free guidance. {status(2)}",
     ]
+    encoder = (
+        f"**Text encoder**: the public `{by_name}`, unchanged (the folder holds its name only, "
+        "`text_encoder_name`, and loads it by that name)"
+        if by_name
+        else f"**Text encoder** (`text_encoder/`): the pretrained {text_class}"
+    )
+    lines.append(f"3. {encoder}, frozen in every stage.")
     if 3 in stages:
         lines.append(
-            "3. **Text encoder** (`text_encoder/`): fine-tuned with a CLIP-style image-text objective plus the "
-            f"denoising loss. {status(3)}"
+            "4. **Stage 3** (`unet/` again): the keys and values of the U-Net's text cross-attention fine-tuned by "
+            "reward through the sampler (a CLIP's preference for each sample's own caption), anchored to stage 2 "
+            f"by a KL and a denoising term, and kept because independent judges said it helped. {status(3)}"
         )
     else:
-        encoder = (
-            f"**Text encoder**: the public `{by_name}`, unchanged (the folder holds its name only, "
-            "`text_encoder_name`, and loads it by that name)"
-            if by_name
-            else f"**Text encoder** (`text_encoder/`): the pretrained {text_class}"
-        )
-        lines.append(
-            f"3. {encoder}, frozen while the U-Net trained. "
-            "Stage 3 (text encoder fine-tuning): did not run for these weights."
-        )
+        lines.append("4. Stage 3 (reward fine-tuning of the U-Net's text cross-attention): not in these weights.")
     return "\n".join(lines)
 
 

@@ -76,14 +76,18 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("stage1.learning_rate=-0.001", "stage1.learning_rate=-0.001: must be a finite number > 0"),
         ("runtime.num_threads=-1", "runtime.num_threads=-1: must be an integer >= 0"),
-        ("stage3.null_anchor_weight=-1", "stage3.null_anchor_weight=-1.0: must be a finite number >= 0"),
+        ("stage3.kl_weight=-1", "stage3.kl_weight=-1.0: must be a finite number >= 0"),
         ("stage3.learning_rate=0", "stage3.learning_rate=0.0: must be a finite number > 0"),
         ("stage2.epochs=0", "stage2.epochs=0: must be an integer >= 1"),
         ("stage1.batch_size=-4", "stage1.batch_size=-4: must be an integer >= 1"),
         ("data.resolution=0", "data.resolution=0: must be an integer >= 1"),
         ("data.caption_dropout=1.5", "data.caption_dropout=1.5: must be a number in [0, 1]"),
         ("stage2.warmup_fraction=0", "stage2.warmup_fraction=0.0: must be a number in (0, 1)"),
-        ("stage3.clip_max_timestep_fraction=1.2", "stage3.clip_max_timestep_fraction=1.2: must be a number in (0, 1]"),
+        (
+            "stage3.reward_step_range=[0.8, 0.2]",
+            "stage3.reward_step_range=[0.8, 0.2]: must be [low, high] with 0 <= low <= high <= 1 (fractions of the "
+            "steps)",
+        ),
         (
             "data.split_fractions=[0.8, 0.15, 0.15]",
             "data.split_fractions=[0.8, 0.15, 0.15]: must be three numbers in [0, 1] summing to 1 (train, val, test)",
@@ -134,8 +138,8 @@ def test_bad_values_name_key_value_and_what_is_allowed(override, message):
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match=r"^stage3.clip_weight=0.0: must be > 0 when stage3.denoise_weight is 0"):
-        load_config(overrides={"stage3.clip_weight": 0.0, "stage3.denoise_weight": 0.0})
+    with pytest.raises(ConfigError, match=r"^stage3.reward_weight=0.0: must be > 0 \(stage 3 would learn no reward\)"):
+        load_config(overrides={"stage3.reward_weight": 0.0})
     with pytest.raises(ConfigError, match=r"^stage1.l1_weight=0.0: must be > 0 when stage1.perceptual_weight is 0"):
         load_config(overrides={"stage1.l1_weight": 0.0, "stage1.perceptual_weight": 0.0})
 

@@ -37,12 +37,16 @@ def test_train_3stage_dry_run_prints_the_plan_and_writes_nothing(tiny_data_root,
     assert (s1["steps_per_epoch"], s1["total_steps"], s1["batch_size"]) == (n_train // 4, n_train // 4, 4)
     assert (s2["steps_per_epoch"], s2["total_steps"]) == (2 * n_train // 4, 2 * n_train // 4)
     assert s1["checkpoints_written"] == -(-s1["total_steps"] // 2)
-    assert s1["models"]["vae"][0] > 0 and s2["models"]["unet"][0] > 0 and s3["models"]["text_encoder"][1] > 0
+    assert s1["models"]["vae"][0] > 0 and s2["models"]["unet"][0] > 0
+    # stage 3 trains the U-Net's text cross-attention K/V only, on the captions the gate does not judge on
+    assert 0 < s3["models"]["unet"][1] < s3["models"]["unet"][0] == s2["models"]["unet"][0]
+    assert s3["examples"] == n_train - 4 and s3["total_steps"] == (n_train - 4) // 4
     assert any(name.startswith("perceptual (stlpips") or name.startswith("perceptual (lpips") for name in s1["models"])
     for line in (
         "stage 1 (VAE):",
         "stage 2 (U-Net):",
-        "stage 3 (text encoder):",
+        "stage 3 (U-Net text cross-attention):",
+        "gate: kept only if colour or shape agreement on 4 training captions",
         f"1 epochs x {n_train // 4} steps per epoch = {n_train // 4} optimizer steps, batch size 4",
         "checkpoint every 2 steps and at the end",
         "dry run: nothing trained, nothing written",

@@ -1,20 +1,21 @@
-"""Stage 3 on tiny models (CPU): only the text encoder changes, the pipeline still loads and samples."""
+"""Stage 3 on tiny models (CPU): reward fine-tuning changes only the U-Net's text cross-attention K/V, the loss
+falls on a fixed batch, resume is exact, and the gate keeps stage 3's U-Net only when its judges say so."""
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_vae
 
-from pokediff.config import load_config
+from pokediff.config import ConfigError, load_config
 from pokediff.models import clip as clip_mod
 from pokediff.models.clip import DomainClipTooWeakError, load_clip_scorer
 from pokediff.pipeline import PokeSpritePipeline
 from pokediff.schedulers import build_noise_scheduler
 from pokediff.training.metrics import read_losses
-from pokediff.training.stage3_text import predict_x0, train_stage3
+from pokediff.training.stage3_reward import UNET_DIRNAME, predict_x0, train_stage3
 
 RESOLUTION = 64  # as in test_training.py: the real 215 px geometry is exercised by the pipeline tests
 
@@ -57,7 +58,6 @@ def make_cfg(data_root, text, out, **extra):
             "stage2.sample_prompts": ["A red fire type Pokémon.", "A blue water type Pokémon."],
             "stage2.sample_images_per_prompt": 1,
             "stage3.learning_rate": 1e-3,
-            "stage3.anchor_weight": 0.1,
             "stage3.eval_num_prompts": 2,
             "runtime.max_steps": 2,
         }
@@ -83,20 +83,19 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_stage3_changes_only_the_text_encoder(stage12, stage3_run):
-    root, text = stage12
+def test_stage3_changes_only_the_text_cross_attention(stage12, stage3_run):
+    root, _ = stage12
     cfg, pipeline_dir, before = stage3_run
     run = pipeline_dir.parent
     assert pipeline_dir == run / "pipeline"
     for name in ("vae", "unet"):
         assert_same(weights(root / name), before[name])  # inputs untouched
-        assert_same(weights(pipeline_dir / name), before[name])  # bit-identical in the re-saved pipeline
-    original = weights(Path(text))
-    tuned = weights(run / "text_encoder")
-    assert_same(tuned, weights(pipeline_dir / "text_encoder"))
-    changed = [k for k in original if not torch.equal(original[k], tuned[k])]
-    assert changed, "stage 3 did not update the text encoder"
-    assert (run / "tokenizer" / "tokenizer_config.json").is_file()
+    assert_same(weights(pipeline_dir / "vae"), before["vae"])
+    tuned = weights(run / UNET_DIRNAME)
+    assert_same(tuned, weights(pipeline_dir / "unet"))  # the pipeline holds stage 3's U-Net until the gate runs
+    changed = sorted(k for k in tuned if not torch.equal(tuned[k], before["unet"][k]))
+    assert changed, "stage 3 did not update the U-Net"
+    assert all(re.search(r"attn2\.to_[kv]\.weight$", k) for k in changed), changed
 
 
 def test_pipeline_loads_and_samples_after_stage3(stage3_run):
@@ -113,27 +112,28 @@ def test_pipeline_loads_and_samples_after_stage3(stage3_run):
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
-def test_stage3_records_clip_choice_and_before_after(stage3_run):
+def test_stage3_records_inputs_clip_and_before_after(stage12, stage3_run):
+    root, _ = stage12
     _, pipeline_dir, _ = stage3_run
     run = pipeline_dir.parent
     report = json.loads((run / "stage3_metrics.json").read_text())
+    assert report["inputs"] == {"vae": str((root / "vae").resolve()), "unet": str((root / "unet").resolve())}
     assert report["clip"]["clip"] == f"domain_clip:{run / 'domain_clip'}"
     assert report["steps"] == 2
     for when in ("before", "after"):
-        assert isinstance(report[when]["val_clip_score"], float)
+        assert report[when]["val_reward"] <= 0  # a log-probability
         assert report[when]["val_denoise_loss"] > 0
         assert (run / "samples" / f"stage3_{when}.png").is_file()
     assert {"top1", "top5", "chance_top1"} <= report["domain_clip_retrieval"].keys()
     card = (pipeline_dir / "README.md").read_text()
-    assert "domain_clip:domain_clip" in card and "val CLIP score (before -> after)" in card
+    assert "domain_clip:domain_clip" in card and "val reward, trained against (before -> after)" in card
     assert str(run) not in card  # no machine-local path in a card
     assert "Stage 3: ran for these weights, 2 optimizer steps." in card
-    # the pipeline folder holds the pipeline; eval finds the domain CLIP in the run folder beside it
     assert not (pipeline_dir / "domain_clip").exists()
     scorer = load_clip_scorer(pipeline_dir)
     assert scorer.name == f"domain_clip:{run / 'domain_clip'}"
     metrics = {r["metric"] for r in read_losses(run / "losses.csv") if r["stage"] == "stage3"}
-    assert {"loss", "clip_loss", "denoise_loss", "anchor_loss", "grad_norm"} <= metrics
+    assert {"loss", "reward", "kl", "denoise_loss", "reward_step", "grad_norm"} <= metrics
 
 
 def test_stage3_refuses_without_stage12_weights(stage12, tiny_data_root, tmp_path):
@@ -163,7 +163,18 @@ def test_stage3_stops_on_a_weak_domain_clip(stage12, stage3_run, tiny_data_root,
     )
     with pytest.raises(DomainClipTooWeakError, match="min_top1_over_chance"):
         train_stage3(cfg, root / "vae", root / "unet")
-    assert not (tmp_path / cfg.runtime.experiment_name / "text_encoder").exists()
+    assert not (tmp_path / cfg.runtime.experiment_name / UNET_DIRNAME).exists()
+
+
+def test_stage3_refuses_when_the_gate_leaves_no_reward_prompts(stage12, stage3_run, tiny_data_root, tmp_path):
+    root, text = stage12
+    _, pipeline_dir, _ = stage3_run
+    cfg = make_cfg(
+        tiny_data_root, text, tmp_path, **{"clip.domain_clip_path": str(pipeline_dir.parent / "domain_clip"),
+                                           "stage3.gate_samples": 1000}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"training captions left for the reward.*stage3.gate_samples"):
+        train_stage3(cfg, root / "vae", root / "unet")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -176,6 +187,68 @@ def test_predict_x0_inverts_the_forward_process(prediction_type):
     noisy = scheduler.add_noise(x0, noise, t)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
     torch.testing.assert_close(predict_x0(scheduler, noisy, target, t), x0, atol=1e-3, rtol=1e-3)
+
+
+def test_reward_loss_rises_the_reward_on_a_fixed_batch(stage12, stage3_run):
+    """Only the cross-attention K/V train; at step 0 the KL anchor is 0; 30 AdamW steps of the reward term alone on
+    one fixed batch (same noise, same scored step) raise the reward clearly, and the KL anchor then sees the move."""
+    import copy
+
+    from pokediff.models.clip import DomainClipScorer, load_domain_clip
+    from pokediff.models.vae import SpriteVAE
+    from pokediff.training.stage2_unet import DiffusionLoss, LatentTextCache
+    from pokediff.training.stage3_reward import RewardLoss, mark_trainable
+
+    root, _ = stage12
+    cfg, pipeline_dir, _ = stage3_run
+    clip, tokenizer, metrics = load_domain_clip(pipeline_dir.parent / "domain_clip")
+    scorer = DomainClipScorer(clip, tokenizer).requires_grad_(False)
+    vae = SpriteVAE.from_pretrained(root / "vae").requires_grad_(False).eval()
+    unet = tiny_unet()
+    reference = copy.deepcopy(unet).requires_grad_(False)
+    names = mark_trainable(unet)
+    assert names and all(re.search(r"attn2\.to_[kv]\.", n) for n in names)
+    torch.manual_seed(0)
+    n, length, dim = 6, 16, unet.config.encoder_hid_dim
+    cache = LatentTextCache(
+        torch.randn(n, 4, 16, 16), torch.full((n, 4, 16, 16), 0.1), torch.randn(n, length, dim),
+        torch.ones(n, length, dtype=torch.long), torch.randn(1, length, dim), torch.ones(1, length, dtype=torch.long),
+    )  # fmt: skip
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
+    common = dict(latent_clamp=5.0, huber_delta=cfg.stage2.huber_delta, min_snr_gamma=cfg.stage2.min_snr_gamma)
+    denoise = DiffusionLoss(
+        unet, noise_scheduler, cache, vae.scale_latents, caption_dropout=0.1, device="cpu", **common
+    )
+    features = torch.nn.functional.normalize(torch.randn(n, clip.config.embed_dim), dim=-1)
+    loss = RewardLoss(
+        unet, unet, reference, vae, scorer, noise_scheduler, cfg.scheduler, cache, denoise,
+        prompt_embeds=cache.embeddings, prompt_masks=cache.masks, caption_features=features, caption_index=torch.arange(n),
+        num_inference_steps=4, guidance_scale=3.0, step_range=(0.5, 0.5), reward_weight=1.0, kl_weight=0.0,
+        denoise_weight=0.0, denoise_batch_size=2, device="cpu", **common,
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    index = torch.tensor([0, 3])
+    rewards, kls = [], []
+    for _ in range(30):
+        torch.manual_seed(1)  # the same noise, real latents and flip every time
+        total, parts = loss(index, 0)
+        rewards.append(float(parts["reward"]))
+        kls.append(float(parts["kl"]))
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert kls[0] == pytest.approx(0.0, abs=1e-10)
+    assert kls[-1] > 0
+    assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+def test_the_reward_loss_does_not_use_the_gate_judges():
+    """The judges that decide whether stage 3 ships (pokediff.eval: colour, shape, KID) are never part of its
+    loss: nothing the training module holds at import time comes from pokediff.eval."""
+    import pokediff.training.stage3_reward as reward
+
+    used = {getattr(value, "__module__", "") or "" for value in vars(reward).values()}
+    assert not any(module.startswith("pokediff.eval") for module in used), used
 
 
 class Interrupt(Exception):
@@ -207,7 +280,7 @@ def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_da
         with pytest.raises(Interrupt):
             train_stage3(cfg, root / "vae", root / "unet")
     resumed = train_stage3(cfg, root / "vae", root / "unet", resume="latest")
-    assert_same(weights(resumed / "text_encoder"), weights(full_pipeline / "text_encoder"))
+    assert_same(weights(resumed.parent / UNET_DIRNAME), weights(full_pipeline.parent / UNET_DIRNAME))
     report = json.loads((resumed.parent / "stage3_metrics.json").read_text())
     assert report["steps"] == 2 and report["before"] is not None  # "before" survived the interruption
     steps = [r["step"] for r in read_losses(resumed.parent / "losses.csv") if r["metric"] == "loss"]
@@ -215,82 +288,84 @@ def test_stage3_resume_matches_an_uninterrupted_run(stage12, stage3_run, tiny_da
 
 
 # ----------------------------------------------------------------------------------------- the stage-3 gate
-def test_gate_prompts_name_a_colour_and_are_seeded():
-    from pokediff.training.stage3_gate import judge_prompts
+def test_gate_prompts_name_a_colour_or_a_shape_and_are_seeded(tiny_data_root, stage12, tmp_path):
+    from pokediff.data import load_splits
+    from pokediff.eval.color import target_color
+    from pokediff.eval.shape import target_shape
+    from pokediff.training.stage3_gate import gate_prompts
 
-    records = [{"color": "Red"}, {"color": ""}, {"color": "teal"}, {"color": None}, {"color": "blue"}]
-    captions = ["a fire type", "a green leafy thing", "a grass type", "no colour here", "a water type"]
-    prompts, targets = judge_prompts(records, captions, num=10, seed=0)
-    # the metadata colour wins; without one, a colour named in the caption; rows naming none are left out
-    assert sorted(zip(prompts, targets)) == [
-        ("a fire type", "red"),
-        ("a green leafy thing", "green"),
-        ("a water type", "blue"),
-    ]
-    assert judge_prompts(records, captions, num=2, seed=3) == judge_prompts(records, captions, num=2, seed=3)
-    assert len(judge_prompts(records, captions, num=2, seed=3)[0]) == 2
+    _, text = stage12
+    cfg = make_cfg(tiny_data_root, text, tmp_path, **{"stage3.gate_samples": 5})
+    train = load_splits(cfg.data, require=("train",))["train"]
+    judged = gate_prompts(cfg, train)
+    assert len(judged.rows) == 5 == len(set(judged.rows)) and judged.rows == sorted(judged.rows)
+    rows = train.remove_columns(cfg.data.image_column).to_list()
+    for i, prompt, colour, shape in zip(judged.rows, judged.prompts, judged.colours, judged.shapes):
+        assert prompt == rows[i][cfg.data.caption_column]
+        assert (colour, shape) == (target_color(rows[i], prompt), target_shape(rows[i], prompt))
+        assert colour is not None or shape is not None
+    assert gate_prompts(cfg, train) == judged
+    other = make_cfg(tiny_data_root, text, tmp_path, **{"stage3.gate_samples": 5, "runtime.seed": 7})
+    assert gate_prompts(other, train).rows != judged.rows
 
 
-def test_gate_keeps_stage3_only_when_it_is_strictly_better():
+def test_gate_balanced_accuracy_gives_nothing_for_always_answering_the_commonest_shape():
+    from pokediff.training.stage3_gate import balanced_accuracy
+
+    always_upright = {"upright": {"upright": 8}, "quadruped": {"upright": 2}}
+    assert balanced_accuracy(always_upright) == pytest.approx(0.5)  # plain accuracy would say 0.8
+    assert balanced_accuracy({"upright": {"upright": 3, "quadruped": 1}, "quadruped": {"quadruped": 2}}) == 0.875
+    assert balanced_accuracy({}) is None
+
+
+@pytest.mark.parametrize(
+    "stage3, kept, words",
+    [
+        ({"colour": 0.62, "shape": 0.30, "kid": 0.103}, "stage3", ["accepted", "colour 0.600 -> 0.620"]),
+        ({"colour": 0.60, "shape": 0.35, "kid": 0.106}, "stage2", ["rejected", "KID 0.1060 > 1.05 x 0.1000"]),
+        ({"colour": 0.60, "shape": 0.30, "kid": 0.090}, "stage2", ["rejected (no gain in colour or shape)"]),
+        ({"colour": 0.65, "shape": 0.25, "kid": 0.090}, "stage2", ["rejected (shape went down)"]),
+    ],
+)
+def test_gate_decides_on_colour_shape_and_kid(stage3, kept, words):
     from pokediff.training.stage3_gate import decide
 
-    assert decide(0.30, 0.35) == "stage3"
-    assert decide(0.30, 0.30) == "stage2"  # a tie is no gain
-    assert decide(0.36, 0.33) == "stage2"
-
-
-def test_gate_colour_agreement_counts_samples_of_the_named_colour():
-    from types import SimpleNamespace
-
-    from pokediff.training.stage3_gate import colour_agreement
-
-    seen_seeds = []
-
-    class SolidColourPipe:  # paints each sample the colour its prompt names; records the seeds it was given
-        config = SimpleNamespace(background=[255, 255, 255])
-        rgb = {"red": (0.9, 0.05, 0.05), "blue": (0.05, 0.1, 0.9)}
-
-        def __call__(self, prompts, generator, output_type):
-            seen_seeds.extend(g.initial_seed() for g in generator)
-            images = torch.ones(len(prompts), 3, 16, 16)
-            for i, p in enumerate(prompts):
-                images[i, :, 4:12, 4:12] = torch.tensor(self.rgb[p]).view(3, 1, 1)
-            return SimpleNamespace(images=images)
-
-    score = colour_agreement(SolidColourPipe(), ["red", "blue", "red"], ["red", "blue", "blue"], seed=5, batch_size=2)
-    assert score == pytest.approx(2 / 3)
-    assert seen_seeds == [5, 6, 7]  # one seed per sample, whatever the batch size
+    verdict, reason = decide({"colour": 0.60, "shape": 0.30, "kid": 0.100}, stage3, 0.05)
+    assert verdict == kept
+    for word in words:
+        assert word in reason
 
 
 @pytest.mark.parametrize("verdict", ["stage2", "stage3"])
-def test_gate_puts_the_pretrained_text_encoder_back_unless_stage3_wins(
-    stage12, stage3_run, tmp_path, monkeypatch, verdict
-):
+def test_gate_puts_stage2_unet_back_unless_stage3_wins(stage12, stage3_run, tmp_path, monkeypatch, verdict):
     import shutil
 
     from pokediff.training import stage3_gate
 
-    _, text = stage12
+    root, _ = stage12
     cfg, pipeline_dir, _ = stage3_run
     run = tmp_path / "run"
     shutil.copytree(pipeline_dir.parent, run)  # the module's stage-3 run stays as it was for the other tests
-    scores = []
+    seen = []
     real_decide = stage3_gate.decide
-    monkeypatch.setattr(stage3_gate, "decide", lambda s2, s3: scores.append((s2, s3)) or verdict)
+
+    def fixed(s2, s3, limit):
+        seen.append((s2, s3))
+        return verdict, real_decide(s2, s3, limit)[1]
+
+    monkeypatch.setattr(stage3_gate, "decide", fixed)
     result = stage3_gate.gate_stage3(cfg, run, "cpu")
 
-    ((s2, s3),) = scores
-    assert 0.0 <= s2 <= 1.0 and 0.0 <= s3 <= 1.0 and real_decide(s2, s3) in ("stage2", "stage3")
+    ((s2, s3),) = seen
+    for scores in (s2, s3):
+        assert 0.0 <= scores["colour"] <= 1.0 and scores["kid"] == pytest.approx(scores["kid"])
     report = json.loads((run / "stage3_metrics.json").read_text())
-    assert report["gate"] == result and result["kept"] == verdict
-    assert (result["stage2_text_encoder"], result["stage3_text_encoder"]) == (s2, s3)
+    assert report["gate"] == result and result["kept"] == verdict and result["stage2"] == s2
     assert "before" in report and "after" in report  # stage 3's own record is kept beside the verdict
-    tuned = weights(run / "text_encoder")
-    expected = weights(Path(text)) if verdict == "stage2" else tuned
-    assert_same(weights(run / "pipeline" / "text_encoder"), expected)
-    assert_same(weights(run / "text_encoder"), weights(pipeline_dir.parent / "text_encoder"))  # kept for inspection
-    pipe = PokeSpritePipeline.from_pretrained(str(run / "pipeline"))  # still a whole, loadable pipeline
-    assert pipe.text_encoder is not None
-    card = (run / "pipeline" / "README.md").read_text()  # the card claims a tuned encoder only if it is there
-    assert "stage 3 gate" in card and f"{s2:.3f} with the pretrained text encoder" in card
+    expected = weights(root / "unet") if verdict == "stage2" else weights(run / UNET_DIRNAME)
+    assert_same(weights(run / "pipeline" / "unet"), expected)
+    assert_same(weights(run / UNET_DIRNAME), weights(pipeline_dir.parent / UNET_DIRNAME))  # kept for inspection
+    PokeSpritePipeline.from_pretrained(str(run / "pipeline"))  # still a whole, loadable pipeline
+    card = (run / "pipeline" / "README.md").read_text()  # the card claims stage 3 only if its U-Net is there
+    assert "stage 3 gate" in card and result["reason"].split(":")[0] in card
     assert ("Stage 3: ran for these weights" in card) == (verdict == "stage3")

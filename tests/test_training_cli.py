@@ -128,15 +128,15 @@ def test_stage_all_smoke_run_leaves_a_loadable_pipeline(tiny_data_root, text_enc
         "pipeline/README.md",
         "samples/stage1_epoch0001.png",
         "samples/stage2_epoch0001.png",
-        "text_encoder/config.json",
+        "unet_stage3/config.json",
         "domain_clip",
         "stage3_metrics.json",
     ):
         assert (run / name).exists(), name
-    # the stage-3 gate judged stage 3 against stage 2's text encoder and said which the pipeline keeps
+    # the stage-3 gate judged stage 3's U-Net against stage 2's and said which the pipeline keeps
     assert json.loads((run / "stage3_metrics.json").read_text())["gate"]["kept"] == outputs["stage3_gate"]
     assert outputs["stage3_gate"] in ("stage2", "stage3")
-    # the card names every stage this command ran (stage 3 only if the gate kept its text encoder)
+    # the card names every stage this command ran (stage 3 only if the gate kept its U-Net)
     card = (run / "pipeline" / "README.md").read_text()
     assert "Stage 1: ran for these weights, 2 optimizer steps." in card
     assert "Stage 2: ran for these weights, 2 optimizer steps." in card

@@ -154,6 +154,7 @@ def tiny_config_overrides(data_root, text_encoder_path, output_dir) -> dict:
         "stage3.batch_size": 4,
         "stage3.epochs": 1,
         "stage3.gate_samples": 4,
+        "stage3.denoise_batch_size": 4,
         "clip.domain_embed_dim": 16,
         "clip.domain_batch_size": 8,
         "clip.domain_epochs": 1,

@@ -50,6 +50,17 @@ def body_description(flavor_text: str) -> str:
     return ""
 
 
+def visual_caption(row: dict, caption: str) -> str:
+    """What a picture of the sprite can show, in the words a user would type: "a {colour} {type} type pokémon
+    {shape phrase}"; the dataset caption itself for a row without a colour and a type."""
+    color = _clean(row.get("color")).lower()
+    types = [t for t in _clean(row.get("types")).lower().split("|") if t]
+    if not color or not types:
+        return caption
+    shape = SHAPE_PHRASES.get(_clean(row.get("shape")).lower(), "")
+    return f"a {color} {types[0]} type pokémon {shape}".strip()
+
+
 def caption_variants(row: dict, caption: str) -> list[str]:
     """The dataset caption plus short captions from ``name``, ``types``, ``genus``, ``color``, ``shape`` and
     ``flavor_text`` where the row has them; just ``[caption]`` for a dataset without those columns.
@@ -69,7 +80,7 @@ def caption_variants(row: dict, caption: str) -> list[str]:
     variants = [
         caption,
         f"a {color} {type_words} type creature",
-        f"a {color} {types[0]} type pokémon {shape}".strip(),
+        visual_caption(row, caption),
         f"a {color} creature {shape}".strip(),
         f"{name}, a {color} {type_words} type pokémon" if name else f"a {color} {type_words} type pokémon",
     ]

@@ -70,7 +70,11 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor, metric: str, minimum: in
 def frechet_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
     """FID between two sets of feature vectors (float64 Gaussians; torchmetrics' eigenvalue form)."""
     _check_pair(real_features, fake_features, "FID", minimum=2)
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real_features.shape[1]), reset_real_features=False)
+    # sync_on_compute off: the features given are all there is; in a multi-process run (the stage-3 gate runs on the
+    # main process only) torchmetrics would otherwise wait for the other processes' features forever
+    metric = FrechetInceptionDistance(
+        feature=PrecomputedFeatures(real_features.shape[1]), reset_real_features=False, sync_on_compute=False
+    )
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)
     # tiny negative values are round-off of a zero distance
@@ -98,6 +102,7 @@ def kernel_inception_distance(
             subsets=subsets,
             subset_size=size,
             reset_real_features=False,
+            sync_on_compute=False,  # as in frechet_distance
         )
     metric.update(real_features.double(), real=True)
     metric.update(fake_features.double(), real=False)

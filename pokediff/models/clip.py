@@ -496,6 +496,11 @@ class ClipScorer(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The CLIP's learned inverse temperature (exp of its logit_scale)."""
+        return self.model.logit_scale.exp().float()
+
 
 class OpenClipScorer(ClipScorer):
     def __init__(self, model, tokenizer, model_name: str, pretrained: str):

@@ -21,9 +21,11 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def stage_examples(cfg, n_train: int) -> dict[str, int]:
-    """Training examples per epoch of each stage: sprites (stage 1), cached latents with mirrors (stages 2-3)."""
+    """Training examples per epoch of each stage: sprites (stage 1), cached latents with mirrors (stage 2), the
+    training captions the stage-3 gate does not judge on (stage 3's reward prompts; at most, when every caption
+    names a colour or a shape)."""
     cached = n_train * (2 if cfg.stage2.cache_flips else 1)
-    return {"1": n_train, "2": cached, "3": cached}
+    return {"1": n_train, "2": cached, "3": max(0, n_train - cfg.stage3.gate_samples)}
 
 
 def check_data_fits(cfg, stages, num_processes: int = 1) -> dict:
@@ -105,28 +107,31 @@ def plan_run(
             perceptual = load_perceptual(cfg.perceptual)
             entry["models"][f"perceptual ({perceptual.name}, frozen)"] = (count_parameters(perceptual)[0], 0)
         plan["stages"]["1"] = entry
-    if "2" in stages:
+    if "2" in stages or "3" in stages:
         unet = build_unet(
             cfg.unet, cfg.vae.latent_channels, vae.latent_size(cfg.data.resolution), text_encoder.config.hidden_size
         )
+    if "2" in stages:
         plan["stages"]["2"] = {
             "models": {"unet": count_parameters(unet)},
             **_steps(cfg, cfg.stage2, examples["2"], num_processes),
         }
     if "3" in stages:
-        if getattr(text_encoder, "pooler", None) is not None:
-            text_encoder.pooler.requires_grad_(False)  # as stage 3 does: the pooled output is never used
+        from pokediff.training.stage3_reward import mark_trainable
+
+        mark_trainable(unet)  # as stage 3 does: the keys and values of the text cross-attention only
         plan["stages"]["3"] = {
-            "models": {"text_encoder": count_parameters(text_encoder)},
+            "models": {"unet": count_parameters(unet)},
             "clip_source": cfg.clip.source,
             "gate_samples": cfg.stage3.gate_samples,
+            "gate_max_kid_increase": cfg.stage3.gate_max_kid_increase,
             **_steps(cfg, cfg.stage3, examples["3"], num_processes),
         }
     return plan
 
 
 def format_plan(plan: dict) -> str:
-    names = {"1": "stage 1 (VAE)", "2": "stage 2 (U-Net)", "3": "stage 3 (text encoder)"}
+    names = {"1": "stage 1 (VAE)", "2": "stage 2 (U-Net)", "3": "stage 3 (U-Net text cross-attention)"}
     data = plan["data"]
     lines = [
         f"data: train {data['train']}, val {data['val']}, test {data['test']} rows; {plan['num_processes']} process(es)"
@@ -148,7 +153,9 @@ def format_plan(plan: dict) -> str:
             lines.append(f"  CLIP: clip.source={entry['clip_source']} (offline: a domain CLIP is fitted first)")
             gate = entry["gate_samples"]
             lines.append(
-                f"  gate: kept only if colour agreement on {gate} training captions beats stage 2's text encoder"
+                f"  gate: kept only if colour or shape agreement on {gate} training captions (kept out of the "
+                "reward) goes up, neither goes down, and KID rises by at most "
+                f"{100 * entry['gate_max_kid_increase']:g} %"
                 if gate
                 else "  gate: off (stage3.gate_samples=0): stage 3 is kept unjudged"
             )

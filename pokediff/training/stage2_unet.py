@@ -141,19 +141,8 @@ def log_latent_range(cache: LatentTextCache, scale, clamp: float) -> float:
     return clamped
 
 
-def diffusion_loss(
-    unet,
-    noise_scheduler,
-    latents,
-    embeddings,
-    masks,
-    huber_delta: float,
-    min_snr_gamma: Optional[float],
-    noise=None,
-    timesteps=None,
-):
-    """Huber loss (``huber_delta``) on the epsilon / v target at uniform timesteps, Min-SNR weighted when
-    ``min_snr_gamma`` is set (per sample mean)."""
+def noised_targets(noise_scheduler, latents, noise=None, timesteps=None):
+    """(noisy latents, the epsilon / v target, timesteps) for latents noised at uniform (or given) timesteps."""
     if noise is None:
         noise = torch.randn_like(latents)
     if timesteps is None:
@@ -168,16 +157,38 @@ def diffusion_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    pred = unet(noisy, timesteps, encoder_hidden_states=embeddings, encoder_attention_mask=masks).sample
+    return noisy, target, timesteps
+
+
+def weighted_denoising_loss(noise_scheduler, pred, target, timesteps, huber_delta: float, min_snr_gamma):
+    """Huber loss (``huber_delta``) of ``pred`` against ``target``, Min-SNR weighted when ``min_snr_gamma`` is set
+    (per sample mean)."""
     loss = F.smooth_l1_loss(pred.float(), target.float(), beta=huber_delta, reduction="none")
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     if min_snr_gamma is not None:
         # Min-SNR-gamma (Hang et al. 2023), as in diffusers' train_text_to_image.py
         snr = compute_snr(noise_scheduler, timesteps)
         weight = torch.clamp(snr, max=min_snr_gamma)
-        weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
+        weight = weight / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
     return loss.mean()
+
+
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    latents,
+    embeddings,
+    masks,
+    huber_delta: float,
+    min_snr_gamma: Optional[float],
+    noise=None,
+    timesteps=None,
+):
+    """Stage 2's denoising loss: ``weighted_denoising_loss`` of the U-Net on ``noised_targets``."""
+    noisy, target, timesteps = noised_targets(noise_scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=embeddings, encoder_attention_mask=masks).sample
+    return weighted_denoising_loss(noise_scheduler, pred, target, timesteps, huber_delta, min_snr_gamma)
 
 
 @torch.no_grad()
@@ -253,15 +264,20 @@ class DiffusionLoss:
         self.huber_delta, self.min_snr_gamma = huber_delta, min_snr_gamma
         self.device = device
 
-    def __call__(self, index: torch.Tensor, step: int):
+    def training_batch(self, index: torch.Tensor):
+        """(latents, text embeddings, masks) of cache entries ``index``: a fresh posterior sample each visit (scaled,
+        clamped), one caption variant each, caption dropout to the "" embedding."""
         cache, index = self.cache, index.to(self.device)
-        # a fresh posterior sample every time an entry is visited, in the scaled, clamped latent range
         mean, std = cache.mean[index], cache.std[index]
         latents = self.scale(mean + std * torch.randn_like(mean)).clamp(-self.latent_clamp, self.latent_clamp)
         embeddings, masks = cache.sample_text(index)
         drop = torch.rand(index.shape[0], device=self.device) < self.caption_dropout
         embeddings = torch.where(drop[:, None, None], cache.null_embedding, embeddings)
         masks = torch.where(drop[:, None], cache.null_mask, masks)
+        return latents, embeddings, masks
+
+    def __call__(self, index: torch.Tensor, step: int):
+        latents, embeddings, masks = self.training_batch(index)
         loss = diffusion_loss(
             self.unet, self.noise_scheduler, latents, embeddings, masks, self.huber_delta, self.min_snr_gamma
         )

@@ -1,123 +1,165 @@
-"""Keep stage 3 only if a judge it did not train against says it helps.
+"""Keep stage 3 only if judges it did not train against say it helps.
 
-Stage 3 tunes the text encoder to raise a CLIP score; judged by that same CLIP, it always looks better (on the
-CPU protocol the domain-CLIP score rose 7.3 -> 8.8 while KID and colour agreement got worse). The gate compares
-the pipeline with stage 2's text encoder (the frozen pretrained one the U-Net was trained on) and with stage 3's,
-on a judge that has nothing to do with CLIP: does the dominant colour of a sample match the colour its caption
-names? It draws the same seeds for both, on training captions, so the val and free-form figures that the
-evaluation reports stay untouched by the choice. When stage 3 does not win, the pipeline's ``text_encoder``
-is put back to the pretrained one (saved by name when it is a public one); stage 3's own weights stay in
-``<run>/text_encoder`` for inspection.
+Stage 3 tunes the U-Net to raise a CLIP's reward; judged by that CLIP it always looks better. The gate draws the same
+seeds and training captions with stage 2's U-Net and with stage 3's (same VAE, text encoder and sampler) and scores
+both with three judges that share nothing with the CLIP: colour agreement (the dominant colour of a sample against
+the colour its caption names, fixed HSV rules), body-shape agreement (the eval's silhouette classifier fitted on the
+training sprites; balanced accuracy, so collapsing to the commonest shape earns nothing) and KID against the training
+sprites (Inception features). Stage 3 ships iff colour or shape goes up, neither goes down, and KID rises by at most
+``stage3.gate_max_kid_increase``. The captions it judges on are kept out of stage 3's reward. On rejection the
+pipeline's U-Net is put back to stage 2's; stage 3's stays in ``<run>/unet_stage3`` for inspection. The verdict and
+its reason go to ``stage3_metrics.json``, the log and the model card.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pokediff.eval.color import agreement_from_predictions, dominant_color, target_color
 from pokediff.eval.sampling import pipeline_batches
+from pokediff.eval.shape import shape_agreement_from_predictions, target_shape
 from pokediff.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 GATE_KEY = "gate"
+JUDGES = ("colour", "shape")
 
 
-def judge_prompts(records: list[dict], captions: list[str], num: int, seed: int) -> tuple[list[str], list[str]]:
-    """(prompts, target colours): ``num`` captions that name a colour, a seeded choice among ``records``."""
-    targets = (target_color(row, caption) for row, caption in zip(records, captions))
-    named = [(caption, colour) for caption, colour in zip(captions, targets) if colour is not None]
-    order = torch.randperm(len(named), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = [named[i] for i in order[:num]]
-    return [c for c, _ in chosen], [t for _, t in chosen]
+@dataclass
+class GatePrompts:
+    rows: list[int]  # training rows judged on (kept out of the reward)
+    prompts: list[str]
+    colours: list[str | None]
+    shapes: list[str | None]
+
+
+def _targets(cfg, train_split) -> tuple[list[str], list[str | None], list[str | None]]:
+    """(captions, the colour each names, the body-shape group each names) of every training row."""
+    records = train_split.remove_columns(cfg.data.image_column)
+    captions = [str(c) for c in records[cfg.data.caption_column]]
+    rows = records.to_list()
+    colours = [target_color(row, caption) for row, caption in zip(rows, captions)]
+    shapes = [target_shape(row, caption) for row, caption in zip(rows, captions)]
+    return captions, colours, shapes
+
+
+def gate_prompts(cfg, train_split) -> GatePrompts:
+    """``stage3.gate_samples`` training captions that name a colour or a body shape: a seeded choice."""
+    captions, colours, shapes = _targets(cfg, train_split)
+    named = [i for i in range(len(captions)) if colours[i] is not None or shapes[i] is not None]
+    order = torch.randperm(len(named), generator=torch.Generator().manual_seed(cfg.runtime.seed)).tolist()
+    chosen = sorted(named[i] for i in order[: cfg.stage3.gate_samples])
+    return GatePrompts(chosen, [captions[i] for i in chosen], [colours[i] for i in chosen], [shapes[i] for i in chosen])
+
+
+def balanced_accuracy(confusion: dict) -> float | None:
+    """Mean over target groups of the share predicted right (from a ``{target: {predicted: count}}`` table)."""
+    recalls = [row.get(target, 0) / sum(row.values()) for target, row in confusion.items() if sum(row.values())]
+    return sum(recalls) / len(recalls) if recalls else None
 
 
 @torch.no_grad()
-def colour_agreement(pipe, prompts: list[str], targets: list[str], seed: int, batch_size: int) -> float:
-    """Share of samples whose dominant colour is the one the prompt names; sample k is drawn with seed + k."""
-    background = list(pipe.config.background)
-    batches = pipeline_batches(pipe, prompts, seed, batch_size)
-    predicted = [dominant_color(image, background) for images in batches for image in images]
-    return agreement_from_predictions(predicted, targets)["accuracy"]
+def judge_samples(images, judged: GatePrompts, shape_judge, real_features, feature_net, background) -> dict:
+    """Colour accuracy, shape balanced accuracy and KID vs the training sprites of ``images`` drawn for ``judged``."""
+    from pokediff.eval.fid import extract_features, kernel_inception_distance
+
+    colours = [dominant_color(image, background) for image in images]
+    shapes = shape_judge.predict(list(images), background)
+    colour = agreement_from_predictions(colours, judged.colours)["accuracy"]
+    shape = balanced_accuracy(shape_agreement_from_predictions(shapes, judged.shapes)["confusion"])
+    fake = extract_features(images, feature_net, progress=False)
+    kid, _, _ = kernel_inception_distance(real_features, fake)
+    return {"colour": colour, "shape": shape, "kid": kid}
 
 
-def decide(stage2_score: float, stage3_score: float) -> str:
-    """Which text encoder the pipeline keeps: stage 3's only when it is strictly better (a tie is no gain)."""
-    return "stage3" if stage3_score > stage2_score else "stage2"
+def decide(stage2: dict, stage3: dict, max_kid_increase: float) -> tuple[str, str]:
+    """("stage2" | "stage3", the reason in words): stage 3 only if colour or shape goes up, neither goes down and
+    KID rises by at most ``max_kid_increase`` (a fraction)."""
+    compared = [j for j in JUDGES if stage2.get(j) is not None and stage3.get(j) is not None]
+    gains = [j for j in compared if stage3[j] > stage2[j]]
+    drops = [j for j in compared if stage3[j] < stage2[j]]
+    kid_limit = stage2["kid"] * (1 + max_kid_increase)
+    kid_ok = stage3["kid"] <= kid_limit
+    facts = ", ".join(f"{j} {stage2[j]:.3f} -> {stage3[j]:.3f}" for j in compared)
+    facts += f", KID {stage2['kid']:.4f} -> {stage3['kid']:.4f}"
+    if not gains:
+        why = "no gain in colour or shape"
+    elif drops:
+        why = f"{' and '.join(drops)} went down"
+    elif not kid_ok:
+        why = f"KID {stage3['kid']:.4f} > {1 + max_kid_increase:g} x {stage2['kid']:.4f}"
+    else:
+        return "stage3", f"accepted: {facts}"
+    return "stage2", f"rejected ({why}): {facts}"
 
 
 def gate_stage3(cfg, run: Path, device) -> dict:
-    """Judge ``<run>/pipeline`` (stage 3's text encoder) against the pretrained text encoder; put the pretrained
-    one back when stage 3 does not win. Records the verdict in ``<run>/stage3_metrics.json``; returns it."""
-    from pokediff.data import load_splits
-    from pokediff.models.text import load_text_encoder
-    from pokediff.pipeline import PokeSpritePipeline
-    from pokediff.training.stage2_unet import assemble_pipeline
-    from pokediff.training.stage3_text import METRICS_FILE
+    """Judge ``<run>/unet_stage3`` against stage 2's U-Net (``stage3_metrics.json``'s inputs); write ``<run>/
+    pipeline`` with the U-Net kept, and record the verdict in ``stage3_metrics.json`` and the card; return it."""
+    from diffusers import UNet2DConditionModel
 
-    num, seed = cfg.stage3.gate_samples, cfg.runtime.seed
+    from pokediff.data import load_splits
+    from pokediff.eval.inception import load_feature_net
+    from pokediff.eval.reference_stats import reference_features
+    from pokediff.eval.shape import shape_judge_for
+    from pokediff.models.text import load_text_encoder
+    from pokediff.models.vae import SpriteVAE
+    from pokediff.training.stage2_unet import assemble_pipeline
+    from pokediff.training.stage3_reward import METRICS_FILE, UNET_DIRNAME
+
+    metrics_path = run / METRICS_FILE
+    if not metrics_path.is_file() or not (run / UNET_DIRNAME).is_dir():
+        raise FileNotFoundError(
+            f"{run} has no finished stage 3 ({METRICS_FILE} and {UNET_DIRNAME}/): run stage 3 first"
+        )
+    report = json.loads(metrics_path.read_text())
+    unet_dirs = {"stage2": Path(report["inputs"]["unet"]), "stage3": run / UNET_DIRNAME}
     pipeline_dir = run / "pipeline"
-    train = load_splits(cfg.data, require=("train",))["train"]
-    records = train.remove_columns(cfg.data.image_column)
-    prompts, targets = judge_prompts(records.to_list(), [str(c) for c in records[cfg.data.caption_column]], num, seed)
-    if not prompts:
-        verdict = {"kept": "stage3", "reason": "no training caption names a colour: nothing to judge with"}
+    if not cfg.stage3.gate_samples:
+        verdict = {"kept": "stage3", "reason": "unjudged (stage3.gate_samples is 0)"}
     else:
-        pipe = PokeSpritePipeline.from_pretrained(str(pipeline_dir)).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        batch = max(1, min(len(prompts), cfg.stage3.batch_size))
-        stage3_score = colour_agreement(pipe, prompts, targets, seed, batch)
-        _, pretrained = load_text_encoder(cfg.text_encoder.name)
-        pipe.text_encoder = pretrained.to(device).eval()
-        stage2_score = colour_agreement(pipe, prompts, targets, seed, batch)
-        kept = decide(stage2_score, stage3_score)
+        train = load_splits(cfg.data, require=("train",))["train"]
+        judged = gate_prompts(cfg, train)
+        shape_judge = shape_judge_for(train, cfg.data, _targets(cfg, train)[2])
+        feature_net = load_feature_net("inception", device)
+        real = reference_features(train, cfg.data, "train", feature_net, progress=False).features
+        vae = SpriteVAE.from_pretrained(report["inputs"]["vae"])
+        tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
+        pipes, scores = {}, {}
+        for arm, unet_dir in unet_dirs.items():
+            unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
+            pipes[arm] = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged=True)
+            batches = pipeline_batches(pipes[arm].to(device), judged.prompts, cfg.runtime.seed, cfg.stage3.batch_size)
+            images = torch.cat(list(batches))
+            scores[arm] = judge_samples(images, judged, shape_judge, real, feature_net, list(cfg.data.background))
+        kept, reason = decide(scores["stage2"], scores["stage3"], cfg.stage3.gate_max_kid_increase)
         verdict = {
-            "judge": f"colour agreement on {len(prompts)} training captions that name a colour "
-            "(dominant sample colour = named colour), same seeds for both",
-            "stage2_text_encoder": stage2_score,
-            "stage3_text_encoder": stage3_score,
+            "judges": f"on {len(judged.prompts)} training captions kept out of the reward, same seeds for both: "
+            "colour agreement, body-shape balanced accuracy, KID vs the training sprites",
+            "stage2": scores["stage2"],
+            "stage3": scores["stage3"],
             "kept": kept,
+            "reason": reason,
         }
         if kept == "stage2":
-            restored = assemble_pipeline(
-                cfg, pipe.vae, pipe.unet, pretrained, pipe.tokenizer, text_encoder_unchanged=True
-            )
-            restored.to("cpu").save_pretrained(pipeline_dir)
-        _record_on_card(pipeline_dir, verdict)
-    metrics_path = run / METRICS_FILE
-    report = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+            pipes["stage2"].to("cpu").save_pretrained(pipeline_dir)
+    _record_on_card(pipeline_dir, verdict)
     report[GATE_KEY] = verdict
     write_text_atomic(metrics_path, json.dumps(report, indent=2))
-    if "stage3_text_encoder" in verdict:
-        logger.info(
-            "stage 3 gate: colour agreement %.3f with stage 2's text encoder, %.3f with stage 3's -> "
-            "the pipeline keeps %s's",
-            verdict["stage2_text_encoder"],
-            verdict["stage3_text_encoder"],
-            verdict["kept"].replace("stage", "stage "),
-        )
-    else:
-        logger.info("stage 3 gate: %s", verdict["reason"])
+    logger.info("stage 3 gate: %s", verdict["reason"])
     return verdict
 
 
 def _record_on_card(pipeline_dir: Path, verdict: dict) -> None:
-    """The model card says what the pipeline holds: with stage 2's text encoder kept, it no longer claims a
-    fine-tuned one (stage 3 ran, but its weights are not these)."""
+    """The card says what the pipeline holds: with stage 2's U-Net put back it no longer claims stage 3."""
     from pokediff.hub import update_model_card
 
     kept_stage3 = verdict["kept"] == "stage3"
-    line = (
-        f"colour agreement {verdict['stage2_text_encoder']:.3f} with the pretrained text encoder, "
-        f"{verdict['stage3_text_encoder']:.3f} with stage 3's: "
-        + (
-            "stage 3's text encoder is kept"
-            if kept_stage3
-            else "stage 3 ran but did not help, so this pipeline keeps the pretrained text encoder"
-        )
-    )
+    line = verdict["reason"] + (": stage 3's U-Net is kept" if kept_stage3 else "; this pipeline keeps stage 2's U-Net")
     update_model_card(pipeline_dir, drop_stages=() if kept_stage3 else (3,), extra={"stage 3 gate": line})

@@ -36,6 +36,7 @@ from .text_reference import load_reference_text_encoder, weights_fingerprint
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE_SCALE = 4.0
+DEFAULT_NUM_INFERENCE_STEPS = 25
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -548,7 +549,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 25,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
