@@ -191,7 +191,9 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
             f"by a KL and a denoising term, and kept because independent judges said it helped. {status(3)}"
         )
     else:
-        lines.append("4. Stage 3 (reward fine-tuning of the U-Net's text cross-attention): not in these weights.")
+        lines.append(
+            "4. Stage 3 (reward fine-tuning of the U-Net's text cross-attention): did not run for these weights."
+        )
     return "\n".join(lines)
 
 

@@ -489,7 +489,10 @@ def test_model_card_claims_only_the_stages_that_ran(saved):
     stage2_only = str(build_model_card(saved, stages={2: 7}))
     assert "Stage 2: ran for these weights, 7 optimizer steps." in stage2_only
     assert "Stage 1: not recorded for this save" in stage2_only
-    assert "Stage 3 (reward fine-tuning of the U-Net's text cross-attention): not in these weights." in stage2_only
+    assert (
+        "Stage 3 (reward fine-tuning of the U-Net's text cross-attention): did not run for these weights."
+        in stage2_only
+    )
     assert "Stage 3: ran" not in stage2_only and "fine-tuned" not in stage2_only
     assert "the pretrained BertModel, frozen" in stage2_only
 
