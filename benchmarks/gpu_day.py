@@ -20,6 +20,9 @@ log (``<out>/log.txt``) has a timestamp on every line, so a run cut short still 
    ``torch.compile`` when the time budget still allows it.
 
 A phase whose estimated cost no longer fits ``--budget-s`` (counted from the start) is skipped, and says so.
+Training itself is capped too: each stage's loop gets ``stageN.max_minutes`` from its share of the budget
+(``TRAIN_BUDGET_SHARE``; an explicit ``stageN.max_minutes=`` override wins), so a GPU slower than the config's
+estimate still leaves time for samples (the first H200 run, 2026-12-04, spent the whole 570 s lease in stage 2).
 ``--dry-run`` runs everything on the CPU with ``configs/tiny.yaml``, 2 optimizer steps per stage and a handful of
 samples: the whole GPU path, exercised before a GPU is ever lent. At most 7 files land in ``--out`` (the device
 returns 8); the training run itself lives in ``--work-dir``.
@@ -53,6 +56,8 @@ logger = logging.getLogger("gpu_day")
 
 # Seconds each optional phase needs at least on an H200 (estimates; a phase is skipped when fewer are left).
 PHASE_MIN_SECONDS = {"samples": 90, "sampling_speed": 45, "train_throughput": 60, "train_throughput_compile": 150}
+# Share of --budget-s each stage's training loop may take (loading, caching, saving and the gate come on top).
+TRAIN_BUDGET_SHARE = {"stage1": 0.25, "stage2": 0.35, "stage3": 0.1}
 SEED_BASE = {"train": 0, "val": 100_000, "freeform": 200_000}  # seed of sample i of a source: base + i
 
 
@@ -109,6 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             "clip.min_top1_over_chance=0",  # a 2-epoch domain CLIP checks plumbing, not quality
             *args.overrides,
         ]
+    if args.budget_s is not None:
+        given = {o.split("=")[0] for o in args.overrides}
+        caps = [
+            f"{stage}.max_minutes={share * args.budget_s / 60:.2f}"
+            for stage, share in TRAIN_BUDGET_SHARE.items()
+            if f"{stage}.max_minutes" not in given
+        ]
+        args.overrides = [*caps, *args.overrides]
     for name in ("train_samples", "per_caption", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

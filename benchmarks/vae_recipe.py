@@ -25,6 +25,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def score(cfg, vae_dir: Path, device) -> dict:
+    """Val reconstruction (posterior mode) of the VAE in ``vae_dir``: L1, PSNR, perceptual distance."""
+    import torch
+
+    from pokediff.data import build_dataloader, tokenize_captions
+    from pokediff.eval.reconstruction import reconstruction_metrics
+    from pokediff.models.perceptual import load_perceptual
+    from pokediff.models.text import load_text_encoder
+    from pokediff.models.vae import SpriteVAE
+
+    vae = SpriteVAE.from_pretrained(vae_dir).to(device).eval()
+    loader = build_dataloader(cfg.data, "val", batch_size=16, shuffle=False)
+    tokenizer, encoder = load_text_encoder(cfg.text_encoder.name)
+    encoder = encoder.to(device).eval()
+
+    @torch.no_grad()
+    def encode_text(captions):  # only a VAE with decoder cross-attention reads the text
+        tokens = tokenize_captions(tokenizer, captions, cfg.data.max_text_length).to(device)
+        return encoder(**tokens).last_hidden_state, tokens["attention_mask"]
+
+    with torch.no_grad():
+        return reconstruction_metrics(
+            vae,
+            ((b["pixel_values"], b["text"]) for b in loader),
+            load_perceptual(cfg.perceptual).to(device),
+            encode_text=encode_text,
+            device=device,
+            progress=False,
+        )
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition(":")
     if not sep or not name.strip():
@@ -83,7 +114,6 @@ def main(argv=None) -> dict:
                 del running[name]
 
     # imported only now: loading torch and the networks would slow the runs above
-    from vae_cross_attention import score
     from vae_kid_floor import emit_json, kid_floor
 
     from pokediff.config import load_config
@@ -108,5 +138,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # vae_cross_attention.score
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # vae_kid_floor
     main()

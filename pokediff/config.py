@@ -246,6 +246,7 @@ class Stage3Config:
     # captions goes up, neither goes down, and KID rises by at most gate_max_kid_increase; 0 keeps it unjudged
     gate_samples: int = 256
     gate_max_kid_increase: float = 0.05
+    gate_alpha: float = 0.05  # "up"/"down": a one-sided sign test on the per-sample hits of both arms reaches this
 
 
 @dataclass
@@ -651,6 +652,7 @@ def _check_stages(c: ConfigChecker) -> None:
     c.ints_at_least(1, "stage3.denoise_batch_size")
     c.choice("stage3.reward_captions", ("visual", "dataset"))
     c.positive("stage3.max_minutes", optional=True)
+    c.fraction("stage3.gate_alpha", low_open=True, high_open=True)
     steps = c.value("stage3.reward_step_range")
     if not (
         isinstance(steps, (list, tuple))

@@ -125,3 +125,14 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
     validate_result(result)
     assert result["num_samples"] == 2 and result["metrics"]["diversity"] is not None
     assert result["metrics"]["color_agreement"] is not None
+
+
+def test_each_training_stage_is_capped_by_its_share_of_the_lease(tmp_path):
+    gpu_day = _load(GPU_DAY)
+    args = gpu_day.parse_args(["--out", str(tmp_path), "--budget-s", "600", "stage2.max_minutes=1.5"])
+    caps = {o.split("=")[0]: float(o.split("=")[1]) for o in args.overrides if ".max_minutes=" in o}
+    # stage 1 and 3 from their shares of 600 s; the explicit stage-2 cap wins over its share
+    assert caps == {"stage1.max_minutes": 2.5, "stage2.max_minutes": 1.5, "stage3.max_minutes": 1.0}
+    # a dry run has no budget, so nothing is capped
+    dry = gpu_day.parse_args(["--out", str(tmp_path), "--dry-run"])
+    assert not any(".max_minutes=" in o for o in dry.overrides)

@@ -318,22 +318,62 @@ def test_gate_balanced_accuracy_gives_nothing_for_always_answering_the_commonest
     assert balanced_accuracy({}) is None
 
 
+def _changed(hits, better: int, worse: int) -> list:
+    """``hits`` with the first ``better`` misses made right and the first ``worse`` hits made wrong."""
+    out = list(hits)
+    misses, rights = [i for i, h in enumerate(hits) if h is False], [i for i, h in enumerate(hits) if h]
+    for i in misses[:better]:
+        out[i] = True
+    for i in rights[:worse]:
+        out[i] = False
+    return out
+
+
+# 100 judged samples (+5 whose captions name nothing); stage 2 gets 60 colours and 30 shapes right
+COLOUR_HITS = [True] * 60 + [False] * 40 + [None] * 5
+SHAPE_HITS = [True] * 30 + [False] * 70 + [None] * 5
+
+
 @pytest.mark.parametrize(
-    "stage3, kept, words",
+    "colour_change, shape_change, kid, kept, words",
     [
-        ({"colour": 0.62, "shape": 0.30, "kid": 0.103}, "stage3", ["accepted", "colour 0.600 -> 0.620"]),
-        ({"colour": 0.60, "shape": 0.35, "kid": 0.106}, "stage2", ["rejected", "KID 0.1060 > 1.05 x 0.1000"]),
-        ({"colour": 0.60, "shape": 0.30, "kid": 0.090}, "stage2", ["rejected (no gain in colour or shape)"]),
-        ({"colour": 0.65, "shape": 0.25, "kid": 0.090}, "stage2", ["rejected (shape went down)"]),
+        ((12, 2), (0, 0), 0.103, "stage3", ["accepted", "colour 0.600 -> 0.700 (+12/-2 samples, p=0.0065)"]),
+        ((0, 0), (12, 2), 0.106, "stage2", ["rejected", "KID 0.1060 > 1.05 x 0.1000"]),
+        # 2 more right of 100: the score rose, but a sign test cannot tell it from noise
+        ((3, 1), (0, 0), 0.090, "stage2", ["rejected (no significant gain in colour or shape at p <= 0.05)"]),
+        ((12, 2), (2, 12), 0.090, "stage2", ["rejected (shape went down)"]),
+        ((12, 2), (1, 3), 0.090, "stage3", ["accepted", "shape 0.300 -> 0.280 (+1/-3 samples"]),
     ],
 )
-def test_gate_decides_on_colour_shape_and_kid(stage3, kept, words):
+def test_gate_decides_on_significant_colour_shape_changes_and_kid(colour_change, shape_change, kid, kept, words):
     from pokediff.training.stage3_gate import decide
 
-    verdict, reason = decide({"colour": 0.60, "shape": 0.30, "kid": 0.100}, stage3, 0.05)
-    assert verdict == kept
+    def arm(colour_hits, shape_hits, kid):
+        scored = [h for h in colour_hits if h is not None], [h for h in shape_hits if h is not None]
+        return {
+            "colour": sum(scored[0]) / len(scored[0]),
+            "shape": sum(scored[1]) / len(scored[1]),  # one shape group here: balanced = plain accuracy
+            "kid": kid,
+            "hits": {"colour": colour_hits, "shape": shape_hits},
+        }
+
+    stage2 = arm(COLOUR_HITS, SHAPE_HITS, 0.100)
+    stage3 = arm(_changed(COLOUR_HITS, *colour_change), _changed(SHAPE_HITS, *shape_change), kid)
+    verdict, reason = decide(stage2, stage3, 0.05, 0.05)
+    assert verdict == kept, reason
     for word in words:
         assert word in reason
+
+
+def test_sign_test_is_exact_and_skips_unjudged_samples():
+    from pokediff.training.stage3_gate import sign_test
+
+    result = sign_test([False, False, False, True, None], [True, True, True, True, True])
+    # 3 better, 0 worse: P(X >= 3 | n=3) = 1/8; the sample without a target counts for nothing
+    assert result == {"better": 3, "worse": 0, "p_better": 0.125, "p_worse": 1.0}
+    assert sign_test([True], [True]) == {"better": 0, "worse": 0, "p_better": 1.0, "p_worse": 1.0}
+    with pytest.raises(ValueError, match="2 samples before but 1 after"):
+        sign_test([True, False], [True])
 
 
 @pytest.mark.parametrize("verdict", ["stage2", "stage3"])
@@ -349,9 +389,9 @@ def test_gate_puts_stage2_unet_back_unless_stage3_wins(stage12, stage3_run, tmp_
     seen = []
     real_decide = stage3_gate.decide
 
-    def fixed(s2, s3, limit):
+    def fixed(s2, s3, limit, alpha):
         seen.append((s2, s3))
-        return verdict, real_decide(s2, s3, limit)[1]
+        return verdict, real_decide(s2, s3, limit, alpha)[1]
 
     monkeypatch.setattr(stage3_gate, "decide", fixed)
     result = stage3_gate.gate_stage3(cfg, run, "cpu")
@@ -360,7 +400,9 @@ def test_gate_puts_stage2_unet_back_unless_stage3_wins(stage12, stage3_run, tmp_
     for scores in (s2, s3):
         assert 0.0 <= scores["colour"] <= 1.0 and scores["kid"] == pytest.approx(scores["kid"])
     report = json.loads((run / "stage3_metrics.json").read_text())
-    assert report["gate"] == result and result["kept"] == verdict and result["stage2"] == s2
+    assert report["gate"] == result and result["kept"] == verdict
+    assert result["stage2"] == {k: v for k, v in s2.items() if k != "hits"}  # the per-sample hits stay out
+    assert set(result["paired"]) == {"colour", "shape"} and len(s2["hits"]["colour"]) == len(s3["hits"]["colour"])
     assert "before" in report and "after" in report  # stage 3's own record is kept beside the verdict
     expected = weights(root / "unet") if verdict == "stage2" else weights(run / UNET_DIRNAME)
     assert_same(weights(run / "pipeline" / "unet"), expected)

@@ -125,6 +125,7 @@ def plan_run(
             "clip_source": cfg.clip.source,
             "gate_samples": cfg.stage3.gate_samples,
             "gate_max_kid_increase": cfg.stage3.gate_max_kid_increase,
+            "gate_alpha": cfg.stage3.gate_alpha,
             **_steps(cfg, cfg.stage3, examples["3"], num_processes),
         }
     return plan
@@ -154,8 +155,8 @@ def format_plan(plan: dict) -> str:
             gate = entry["gate_samples"]
             lines.append(
                 f"  gate: kept only if colour or shape agreement on {gate} training captions (kept out of the "
-                "reward) goes up, neither goes down, and KID rises by at most "
-                f"{100 * entry['gate_max_kid_increase']:g} %"
+                "reward) goes up, neither goes down (paired sign test, p <= "
+                f"{entry['gate_alpha']:g}), and KID rises by at most {100 * entry['gate_max_kid_increase']:g} %"
                 if gate
                 else "  gate: off (stage3.gate_samples=0): stage 3 is kept unjudged"
             )

@@ -6,7 +6,9 @@ both with three judges that share nothing with the CLIP: colour agreement (the d
 the colour its caption names, fixed HSV rules), body-shape agreement (the eval's silhouette classifier fitted on the
 training sprites; balanced accuracy, so collapsing to the commonest shape earns nothing) and KID against the training
 sprites (Inception features). Stage 3 ships iff colour or shape goes up, neither goes down, and KID rises by at most
-``stage3.gate_max_kid_increase``. The captions it judges on are kept out of stage 3's reward. On rejection the
+``stage3.gate_max_kid_increase``; "up" and "down" are judged per sample, both arms having drawn the same captions
+with the same seeds: an exact one-sided sign test (McNemar) on the samples one arm gets right and the other wrong
+must reach ``stage3.gate_alpha``, so that a few samples' noise on a few hundred is neither a gain nor a loss. The captions it judges on are kept out of stage 3's reward. On rejection the
 pipeline's U-Net is put back to stage 2's; stage 3's stays in ``<run>/unet_stage3`` for inspection. The verdict and
 its reason go to ``stage3_metrics.json``, the log and the model card.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +52,10 @@ def _targets(cfg, train_split) -> tuple[list[str], list[str | None], list[str | 
     return captions, colours, shapes
 
 
-def gate_prompts(cfg, train_split) -> GatePrompts:
-    """``stage3.gate_samples`` training captions that name a colour or a body shape: a seeded choice."""
-    captions, colours, shapes = _targets(cfg, train_split)
+def gate_prompts(cfg, train_split, targets=None) -> GatePrompts:
+    """``stage3.gate_samples`` training captions that name a colour or a body shape: a seeded choice (``targets``:
+    ``_targets(cfg, train_split)`` when the caller already has them)."""
+    captions, colours, shapes = targets or _targets(cfg, train_split)
     named = [i for i in range(len(captions)) if colours[i] is not None or shapes[i] is not None]
     order = torch.randperm(len(named), generator=torch.Generator().manual_seed(cfg.runtime.seed)).tolist()
     chosen = sorted(named[i] for i in order[: cfg.stage3.gate_samples])
@@ -64,9 +68,31 @@ def balanced_accuracy(confusion: dict) -> float | None:
     return sum(recalls) / len(recalls) if recalls else None
 
 
+def hits(predicted, targets) -> list[bool | None]:
+    """Per sample: right (True), wrong (False), or None where its caption names no target."""
+    return [None if target is None else guess == target for guess, target in zip(predicted, targets)]
+
+
+def sign_test(before: list, after: list) -> dict:
+    """Exact one-sided sign test (McNemar) on paired per-sample hits: "better" samples only ``after`` gets right,
+    "worse" only ``before`` does; p_better = P(at least that many better of the discordant pairs | no effect)."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} samples before but {len(after)} after")
+    pairs = [(b, a) for b, a in zip(before, after) if b is not None and a is not None]
+    better = sum(a and not b for b, a in pairs)
+    worse = sum(b and not a for b, a in pairs)
+    n = better + worse
+
+    def tail(k: int) -> float:
+        return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+    return {"better": better, "worse": worse, "p_better": tail(better), "p_worse": tail(worse)}
+
+
 @torch.no_grad()
 def judge_samples(images, judged: GatePrompts, shape_judge, real_features, feature_net, background) -> dict:
-    """Colour accuracy, shape balanced accuracy and KID vs the training sprites of ``images`` drawn for ``judged``."""
+    """Colour accuracy, shape balanced accuracy and KID vs the training sprites of ``images`` drawn for ``judged``,
+    and the per-sample hits behind the first two (``hits``: for the paired test)."""
     from pokediff.eval.fid import extract_features, kernel_inception_distance
 
     colours = [dominant_color(image, background) for image in images]
@@ -75,21 +101,32 @@ def judge_samples(images, judged: GatePrompts, shape_judge, real_features, featu
     shape = balanced_accuracy(shape_agreement_from_predictions(shapes, judged.shapes)["confusion"])
     fake = extract_features(images, feature_net, progress=False)
     kid, _, _ = kernel_inception_distance(real_features, fake)
-    return {"colour": colour, "shape": shape, "kid": kid}
+    return {
+        "colour": colour,
+        "shape": shape,
+        "kid": kid,
+        "hits": {"colour": hits(colours, judged.colours), "shape": hits(shapes, judged.shapes)},
+    }
 
 
-def decide(stage2: dict, stage3: dict, max_kid_increase: float) -> tuple[str, str]:
+def decide(stage2: dict, stage3: dict, max_kid_increase: float, alpha: float) -> tuple[str, str]:
     """("stage2" | "stage3", the reason in words): stage 3 only if colour or shape goes up, neither goes down and
-    KID rises by at most ``max_kid_increase`` (a fraction)."""
+    KID rises by at most ``max_kid_increase`` (a fraction). A judge goes up (down) when its score does and the sign
+    test on its per-sample ``hits`` gives p_better (p_worse) <= ``alpha``."""
     compared = [j for j in JUDGES if stage2.get(j) is not None and stage3.get(j) is not None]
-    gains = [j for j in compared if stage3[j] > stage2[j]]
-    drops = [j for j in compared if stage3[j] < stage2[j]]
+    paired = {j: sign_test(stage2["hits"][j], stage3["hits"][j]) for j in compared}
+    gains = [j for j in compared if stage3[j] > stage2[j] and paired[j]["p_better"] <= alpha]
+    drops = [j for j in compared if stage3[j] < stage2[j] and paired[j]["p_worse"] <= alpha]
     kid_limit = stage2["kid"] * (1 + max_kid_increase)
     kid_ok = stage3["kid"] <= kid_limit
-    facts = ", ".join(f"{j} {stage2[j]:.3f} -> {stage3[j]:.3f}" for j in compared)
+    facts = ", ".join(
+        f"{j} {stage2[j]:.3f} -> {stage3[j]:.3f} (+{paired[j]['better']}/-{paired[j]['worse']} samples, "
+        f"p={min(paired[j]['p_better'], paired[j]['p_worse']):.2g})"
+        for j in compared
+    )
     facts += f", KID {stage2['kid']:.4f} -> {stage3['kid']:.4f}"
     if not gains:
-        why = "no gain in colour or shape"
+        why = f"no significant gain in colour or shape at p <= {alpha:g}"
     elif drops:
         why = f"{' and '.join(drops)} went down"
     elif not kid_ok:
@@ -125,8 +162,9 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         verdict = {"kept": "stage3", "reason": "unjudged (stage3.gate_samples is 0)"}
     else:
         train = load_splits(cfg.data, require=("train",))["train"]
-        judged = gate_prompts(cfg, train)
-        shape_judge = shape_judge_for(train, cfg.data, _targets(cfg, train)[2])
+        targets = _targets(cfg, train)
+        judged = gate_prompts(cfg, train, targets)
+        shape_judge = shape_judge_for(train, cfg.data, targets[2])
         feature_net = load_feature_net("inception", device)
         real = reference_features(train, cfg.data, "train", feature_net, progress=False).features
         vae = SpriteVAE.from_pretrained(report["inputs"]["vae"])
@@ -138,12 +176,16 @@ def gate_stage3(cfg, run: Path, device) -> dict:
             batches = pipeline_batches(pipes[arm].to(device), judged.prompts, cfg.runtime.seed, cfg.stage3.batch_size)
             images = torch.cat(list(batches))
             scores[arm] = judge_samples(images, judged, shape_judge, real, feature_net, list(cfg.data.background))
-        kept, reason = decide(scores["stage2"], scores["stage3"], cfg.stage3.gate_max_kid_increase)
+        s3 = cfg.stage3
+        kept, reason = decide(scores["stage2"], scores["stage3"], s3.gate_max_kid_increase, s3.gate_alpha)
+        paired = {j: sign_test(scores["stage2"]["hits"][j], scores["stage3"]["hits"][j]) for j in JUDGES}
         verdict = {
             "judges": f"on {len(judged.prompts)} training captions kept out of the reward, same seeds for both: "
-            "colour agreement, body-shape balanced accuracy, KID vs the training sprites",
-            "stage2": scores["stage2"],
-            "stage3": scores["stage3"],
+            "colour agreement, body-shape balanced accuracy, KID vs the training sprites; gains and losses by an "
+            f"exact sign test on per-sample hits at p <= {s3.gate_alpha:g}",
+            "stage2": {k: v for k, v in scores["stage2"].items() if k != "hits"},
+            "stage3": {k: v for k, v in scores["stage3"].items() if k != "hits"},
+            "paired": paired,
             "kept": kept,
             "reason": reason,
         }

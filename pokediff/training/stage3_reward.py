@@ -206,6 +206,12 @@ def reward_captions(cfg, split) -> tuple[list[str], list[str], torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- loss
+def mix_guidance(both_halves: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance from a U-Net output whose first half is unconditional and second conditional."""
+    uncond, cond = both_halves.float().chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def guided_output(unet, latents, t, embeds, masks, null_embeds, null_masks, guidance_scale: float):
     """(both halves of the U-Net's output, the guided output) for ``latents`` at sampler step ``t``."""
     out = unet(
@@ -214,8 +220,7 @@ def guided_output(unet, latents, t, embeds, masks, null_embeds, null_masks, guid
         encoder_hidden_states=torch.cat([null_embeds, embeds]),
         encoder_attention_mask=torch.cat([null_masks, masks]),
     ).sample
-    uncond, cond = out.float().chunk(2)
-    return out, uncond + guidance_scale * (cond - uncond)
+    return out, mix_guidance(out, guidance_scale)
 
 
 class RewardLoss:
@@ -309,8 +314,7 @@ class RewardLoss:
             encoder_attention_mask=torch.cat([null_masks, masks, real_masks]),
         ).sample.float()
         guided_pair, real_pred = out[: 2 * batch], out[2 * batch :]
-        uncond, cond = guided_pair.chunk(2)
-        guided = uncond + self.guidance_scale * (cond - uncond)
+        guided = mix_guidance(guided_pair, self.guidance_scale)
         x0 = predict_x0(self.noise_scheduler, latents, guided, t.expand(batch).to(device))
         images = decode(self.vae, x0.clamp(-self.latent_clamp, self.latent_clamp))
         if bool(torch.rand(()) < 0.5):
