@@ -113,6 +113,7 @@ class UNetConfig:
     attention_head_dim: int = 8
     cross_attention_dim: int = 256
     norm_num_groups: int = 32
+    dropout: float = 0.0  # in every ResNet block while training (against overfitting a small set); off at sampling
 
 
 @dataclass
@@ -571,6 +572,7 @@ def _check_models(c: ConfigChecker) -> None:
         "unet.norm_num_groups",
     )
     c.positive("vae.scaling_factor")
+    c.fraction("unet.dropout", high_open=True)
     c.channels("vae")
     c.channels("unet")
     channels = c.value("unet.block_out_channels")

@@ -140,6 +140,12 @@ def test_retrieval_accuracy_counts_ranks():
     assert shifted["top1"] == 0.0 and shifted["top2"] == 1.0
     with pytest.raises(ValueError, match="matching"):
         retrieval_accuracy(feats, feats[:3])
+    # rows 0 and 2 share caption "a": one candidate, which both retrieve first; row 1's own "b" ranks second
+    images = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    texts = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 1.0]])
+    shared = retrieval_accuracy(images, texts, ks=(1, 2), captions=["a", "b", "a", "c"])
+    assert shared["candidates"] == 3 and shared["chance_top1"] == pytest.approx(1 / 3)
+    assert shared["top1"] == 0.75 and shared["top2"] == 1.0
 
 
 def test_check_domain_clip_stops_weak_models():
@@ -211,6 +217,22 @@ def test_fit_domain_clip_on_sprites(tiny_data_root, text_path, tmp_path):
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert metrics["chance_top1"] == pytest.approx(1 / metrics["n"])
     assert load_domain_clip(tmp_path / "dc")[2] == metrics
+    assert metrics["captions"] == "dataset" and metrics["candidates"] == metrics["n"]
+
+
+def test_fit_domain_clip_on_given_captions(tiny_data_root, text_path, tmp_path):
+    from pokediff.data import load_splits
+
+    cfg = load_config(overrides={"data.root": str(tiny_data_root), "data.max_text_length": 16})
+    splits = load_splits(cfg.data)
+    # two texts for the whole set: retrieval is then a choice between two candidates
+    captions = {name: [("a red pokémon", "a blue pokémon")[i % 2] for i in range(len(splits[name]))] for name in splits}
+    _, _, metrics = fit_domain_clip(
+        tiny_clip_cfg(domain_epochs=2), cfg.data, text_path, splits=splits, captions=captions, captions_name="visual"
+    )
+    assert metrics["captions"] == "visual" and metrics["candidates"] == 2 and metrics["chance_top1"] == 0.5
+    with pytest.raises(ValueError, match="1 captions for"):
+        fit_domain_clip(tiny_clip_cfg(domain_epochs=1), cfg.data, text_path, splits=splits, captions={"train": ["x"]})
 
 
 def tiny_open_clip():

@@ -194,6 +194,22 @@ def test_warm_start_loads_weights_and_refuses_another_architecture(tmp_path):
         warm_start(target, tmp_path / "missing")
 
 
+def test_a_warm_start_may_add_dropout_which_acts_only_while_training(tmp_path):
+    source = tiny_unet(32, seed=1)  # trained without dropout, as chunks 1-3 of the shipped model were
+    source.save_pretrained(tmp_path / "unet")
+    target = tiny_unet(32, seed=2, dropout=0.5)
+    warm_start(target, tmp_path / "unet")  # a training-only setting is not "another U-Net"
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), source.state_dict().values()))
+    sample, text = torch.randn(1, 4, 27, 27), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        reference = source(sample, 10, encoder_hidden_states=text).sample
+        evaluated = [target(sample, 10, encoder_hidden_states=text).sample for _ in range(2)]
+        target.train()
+        trained = [target(sample, 10, encoder_hidden_states=text).sample for _ in range(2)]
+    assert torch.equal(*evaluated) and torch.allclose(evaluated[0], reference)  # sampling: no dropout
+    assert not torch.allclose(*trained)
+
+
 def loss_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         text = f.read()

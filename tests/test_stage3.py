@@ -166,6 +166,18 @@ def test_stage3_stops_on_a_weak_domain_clip(stage12, stage3_run, tiny_data_root,
     assert not (tmp_path / cfg.runtime.experiment_name / UNET_DIRNAME).exists()
 
 
+def test_stage3_refuses_a_domain_clip_fitted_on_other_captions(stage12, stage3_run, tiny_data_root, tmp_path):
+    root, text = stage12
+    _, pipeline_dir, _ = stage3_run
+    fitted = pipeline_dir.parent / "domain_clip"
+    assert json.loads((fitted / "retrieval_metrics.json").read_text())["captions"] == "visual"  # the default reward's
+    cfg = make_cfg(
+        tiny_data_root, text, tmp_path, **{"clip.domain_clip_path": str(fitted), "stage3.reward_captions": "dataset"}
+    )
+    with pytest.raises(ConfigError, match=r"fitted on visual captions, but stage3.reward_captions=dataset"):
+        train_stage3(cfg, root / "vae", root / "unet")
+
+
 def test_stage3_refuses_when_the_gate_leaves_no_reward_prompts(stage12, stage3_run, tiny_data_root, tmp_path):
     root, text = stage12
     _, pipeline_dir, _ = stage3_run
@@ -359,8 +371,9 @@ def test_gate_decides_on_significant_colour_shape_changes_and_kid(colour_change,
 
     stage2 = arm(COLOUR_HITS, SHAPE_HITS, 0.100)
     stage3 = arm(_changed(COLOUR_HITS, *colour_change), _changed(SHAPE_HITS, *shape_change), kid)
-    verdict, reason = decide(stage2, stage3, 0.05, 0.05)
+    verdict, reason, paired = decide(stage2, stage3, 0.05, 0.05)
     assert verdict == kept, reason
+    assert paired["colour"]["better"] == colour_change[0] and paired["shape"]["worse"] == shape_change[1]
     for word in words:
         assert word in reason
 
@@ -391,7 +404,7 @@ def test_gate_puts_stage2_unet_back_unless_stage3_wins(stage12, stage3_run, tmp_
 
     def fixed(s2, s3, limit, alpha):
         seen.append((s2, s3))
-        return verdict, real_decide(s2, s3, limit, alpha)[1]
+        return verdict, *real_decide(s2, s3, limit, alpha)[1:]
 
     monkeypatch.setattr(stage3_gate, "decide", fixed)
     result = stage3_gate.gate_stage3(cfg, run, "cpu")

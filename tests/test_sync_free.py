@@ -2,6 +2,7 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 import pokediff
-from pokediff.config import CONFIG_DIR, ConfigError, load_config
+from pokediff.config import CONFIG_DIR, ConfigError, RuntimeConfig, load_config
 from pokediff.training.checkpoints import CheckpointManager
 from pokediff.training.guards import NonFiniteLossError
 from pokediff.training.loop import run_epochs, start_training
@@ -40,14 +41,9 @@ def _train(tmp_path, sync_every, poison=(), poison_kind="add", nan_max=20, on_st
         checkpoints,
         None,
         folder / "losses.csv",
-        epochs=1,
-        learning_rate=0.05,
-        warmup_fraction=0.3,
-        grad_clip=0.05,  # low enough that the clip acts on every step
-        max_steps=None,
-        nan_max_consecutive=nan_max,
-        grad_explosion_factor=10.0,
-        sync_every_steps=sync_every,
+        # a clip low enough to act on every step
+        SimpleNamespace(epochs=1, learning_rate=0.05, warmup_fraction=0.3, grad_clip=0.05),
+        RuntimeConfig(nan_max_consecutive=nan_max, grad_explosion_factor=10.0, sync_every_steps=sync_every),
     )
     seen = []
 

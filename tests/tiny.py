@@ -93,11 +93,11 @@ def tiny_vae(decoder_cross_attention: bool = False, seed: int = 0):
     return SpriteVAE(sample_size=TINY_RESOLUTION, **kw).eval()
 
 
-def tiny_unet(text_dim: int = TINY_TEXT_DIM, seed: int = 0):
+def tiny_unet(text_dim: int = TINY_TEXT_DIM, seed: int = 0, dropout: float = 0.0):
     from pokediff.config import UNetConfig, config_from_dict
     from pokediff.models.unet import build_unet
 
-    cfg = config_from_dict(UNetConfig, _section("unet", TINY_UNET))
+    cfg = config_from_dict(UNetConfig, {**_section("unet", TINY_UNET), "dropout": dropout})
     torch.manual_seed(seed)
     return build_unet(cfg, latent_channels=TINY_LATENT_CHANNELS, latent_size=27, text_dim=text_dim).eval()
 

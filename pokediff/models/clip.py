@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -304,34 +305,45 @@ def load_domain_clip(path, device="cpu"):
 
 
 # ------------------------------------------------------------------------------------ fit + evaluate
-def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5)) -> dict:
-    """Image->text retrieval: row i of each is a matching pair; top-k accuracy vs chance k/N."""
+def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5), captions=None) -> dict:
+    """Image->text retrieval: row i of each is a matching pair; top-k accuracy vs chance k/N. With ``captions``
+    (row i's caption text), rows sharing a caption share one candidate: N is then the number of distinct ones."""
     n = image_features.shape[0]
     if n == 0 or text_features.shape[0] != n:
         raise ValueError(f"need matching non-empty image/text features, got {n} and {text_features.shape[0]}")
-    sims = image_features @ text_features.T
-    # rank of the true caption = how many captions score strictly higher
-    true = sims.diagonal().unsqueeze(1)
+    captions = list(range(n)) if captions is None else list(captions)
+    first = {caption: i for i, caption in reversed(list(enumerate(captions)))}  # each caption's first row
+    candidates = list(dict.fromkeys(captions))
+    target = torch.tensor([candidates.index(c) for c in captions])
+    sims = image_features @ text_features[[first[c] for c in candidates]].T
+    # rank of the true caption = how many candidates score strictly higher
+    true = sims.gather(1, target[:, None])
     rank = (sims > true).sum(dim=1)
-    out = {"n": n}
+    out = {"n": n, "candidates": len(candidates)}
     for k in ks:
         out[f"top{k}"] = (rank < k).float().mean().item()
-        out[f"chance_top{k}"] = min(k, n) / n
+        out[f"chance_top{k}"] = min(k, len(candidates)) / len(candidates)
     return out
 
 
 @torch.no_grad()
-def _cache_backbone_features(model: DomainCLIP, tokenizer, loader, max_text_length, flips: bool, device):
-    """Frozen-trunk features of every image (and its mirror image) and every caption of a loader."""
+def _cache_backbone_features(
+    model: DomainCLIP, tokenizer, loader, max_text_length, flips: bool, device, captions: Optional[list] = None
+):
+    """Frozen-trunk features of every image (and its mirror image) and every caption of a loader (``captions``,
+    one per row in the loader's order, instead of the dataset's where given)."""
     from pokediff.data import tokenize_captions
 
-    image_feats, flip_feats, captions = [], [], []
+    image_feats, flip_feats, texts = [], [], []
     for batch in tqdm(loader, desc="domain CLIP: image features", leave=False):
         px = batch["pixel_values"].to(device)
         image_feats.append(model.visual.backbone_features(px).cpu())
         if flips:
             flip_feats.append(model.visual.backbone_features(px.flip(-1)).cpu())
-        captions.extend(batch["text"])
+        texts.extend(batch["text"])
+    captions = texts if captions is None else list(captions)
+    if len(captions) != len(texts):
+        raise ValueError(f"{len(captions)} captions for {len(texts)} images")
     tokens = tokenize_captions(tokenizer, captions, max_text_length)  # once: one truncation warning
     text_feats = [
         model.text_backbone_features(
@@ -347,9 +359,21 @@ def _head_embeddings(model: DomainCLIP, image_feats, text_feats):
 
 
 def fit_domain_clip(
-    clip_cfg, data_cfg, text_encoder_name: str, output_dir=None, splits=None, device="cpu", seed: int = 0
+    clip_cfg,
+    data_cfg,
+    text_encoder_name: str,
+    output_dir=None,
+    splits=None,
+    device="cpu",
+    seed: int = 0,
+    captions: Optional[dict] = None,
+    captions_name: str = "dataset",
 ):
     """Fit a domain CLIP's heads on the train split; val retrieval in the returned metrics.
+
+    ``captions``: {"train": [...], "val": [...]}, one text per row, instead of the dataset's captions, recorded
+    in the metrics as ``captions_name`` (e.g. stage 3's "visual" captions: the CLIP is then fitted on the very
+    texts its reward tells apart, and retrieval counts rows sharing a caption as one candidate).
 
     Returns (model, tokenizer, metrics). Saved to ``output_dir`` when given. The frozen trunks run once
     per image (plus its mirror image, the only augmentation that keeps captions true), so fitting the
@@ -374,11 +398,12 @@ def fit_domain_clip(
             ds, batch_size=32, shuffle=False, collate_fn=collate_sprites, num_workers=data_cfg.num_workers
         )
 
+    captions = captions or {}
     train_img, train_flip, train_txt = _cache_backbone_features(
-        model, tokenizer, loader("train"), data_cfg.max_text_length, True, device
+        model, tokenizer, loader("train"), data_cfg.max_text_length, True, device, captions.get("train")
     )
     val_img, _, val_txt = _cache_backbone_features(
-        model, tokenizer, loader("val"), data_cfg.max_text_length, False, device
+        model, tokenizer, loader("val"), data_cfg.max_text_length, False, device, captions.get("val")
     )
 
     model.fit_feature_stats(torch.cat([train_img, train_flip]), train_txt)
@@ -414,10 +439,11 @@ def fit_domain_clip(
     with torch.no_grad():
         val_image_emb, val_text_emb = _head_embeddings(model, val_img.to(device), val_txt.to(device))
         val_loss = loss_fn(val_image_emb, val_text_emb, model.logit_scale.exp()).item()
-    metrics = retrieval_accuracy(val_image_emb.cpu(), val_text_emb.cpu())
+    metrics = retrieval_accuracy(val_image_emb.cpu(), val_text_emb.cpu(), captions=captions.get("val"))
     metrics.update(
         {
             "split": "val",
+            "captions": captions_name,
             "val_clip_loss": val_loss,
             "train_loss_first": losses[0] if losses else None,
             "train_loss_last": float(sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]))
@@ -430,8 +456,10 @@ def fit_domain_clip(
     )
     metrics["top1_over_chance"] = metrics["top1"] / metrics["chance_top1"]
     logger.info(
-        "domain CLIP val retrieval (image->text among %d captions): top1 %.3f (chance %.3f), top5 %.3f (chance %.3f)",
-        metrics["n"],
+        "domain CLIP val retrieval (image->text among %d distinct %s captions): top1 %.3f (chance %.3f), top5 %.3f "
+        "(chance %.3f)",
+        metrics["candidates"],
+        captions_name,
         metrics["top1"],
         metrics["chance_top1"],
         metrics["top5"],

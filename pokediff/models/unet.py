@@ -44,4 +44,5 @@ def build_unet(unet_cfg, latent_channels: int, latent_size: int, text_dim: int) 
         cross_attention_dim=unet_cfg.cross_attention_dim,
         encoder_hid_dim=text_dim,
         encoder_hid_dim_type="text_proj",
+        dropout=unet_cfg.dropout,
     )

@@ -95,30 +95,33 @@ def start_training(
     checkpoints: CheckpointManager,
     resume_from: Optional[Path],
     losses_path,
-    *,
-    epochs: int,
-    learning_rate: float,
-    warmup_fraction: float,
-    grad_clip: float,
-    max_steps: Optional[int],
-    nan_max_consecutive: int,
-    grad_explosion_factor: float,
-    sync_every_steps: int = 1,
+    schedule,
+    runtime,
     ema=None,
 ) -> StageTraining:
     """The update schedule, guards and losses.csv for the prepared ``model`` / ``optimizer`` / ``loader``, at
-    step 0 or at ``resume_from``'s position."""
+    step 0 or at ``resume_from``'s position. ``schedule``: the stage's config section (``epochs``,
+    ``learning_rate``, ``warmup_fraction``, ``grad_clip``); ``runtime``: ``RuntimeConfig`` (``max_steps`` and the
+    guards: ``nan_max_consecutive``, ``grad_explosion_factor``, ``sync_every_steps``)."""
     updates_per_epoch, total_steps = optimizer_steps(
-        len(loader), epochs, accelerator.gradient_accumulation_steps, max_steps
+        len(loader), schedule.epochs, accelerator.gradient_accumulation_steps, runtime.max_steps
     )
     lr_scheduler = accelerator.prepare(
-        one_cycle(optimizer, learning_rate, total_steps, warmup_fraction, accelerator.num_processes)
+        one_cycle(optimizer, schedule.learning_rate, total_steps, schedule.warmup_fraction, accelerator.num_processes)
     )
     # a stage shorter than nan_max_consecutive must still stop when none of its steps was usable
-    guard = NonFiniteGuard(min(nan_max_consecutive, total_steps), accelerator, stage)
-    detector = GradExplosionDetector(grad_explosion_factor)
+    guard = NonFiniteGuard(min(runtime.nan_max_consecutive, total_steps), accelerator, stage)
+    detector = GradExplosionDetector(runtime.grad_explosion_factor)
     stepper = OptimizerStepper(
-        accelerator, model, optimizer, lr_scheduler, grad_clip, guard, detector, ema=ema, sync_every=sync_every_steps
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        schedule.grad_clip,
+        guard,
+        detector,
+        ema=ema,
+        sync_every=runtime.sync_every_steps,
     )
     losses = LossLogger(losses_path, stage, enabled=accelerator.is_main_process)
     state = resume_or_start(accelerator, checkpoints, resume_from, total_steps, guard, detector, losses)

@@ -310,14 +310,8 @@ def train_stage1(cfg, accelerator=None, resume: Optional[str] = None) -> Path:
         checkpoints,
         checkpoints.resolve(resume),
         folder / "losses.csv",
-        epochs=s1.epochs,
-        learning_rate=s1.learning_rate,
-        warmup_fraction=s1.warmup_fraction,
-        grad_clip=s1.grad_clip,
-        max_steps=rt.max_steps,
-        nan_max_consecutive=rt.nan_max_consecutive,
-        grad_explosion_factor=rt.grad_explosion_factor,
-        sync_every_steps=rt.sync_every_steps,
+        s1,
+        rt,
     )
     state = training.state
     loss = VAELoss(

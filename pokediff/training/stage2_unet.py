@@ -321,6 +321,10 @@ def stage2_sample_grid(cfg, pipe: PokeSpritePipeline, path) -> Path:
     )
 
 
+# U-Net settings that change training but not the weights' meaning: a warm start may change them
+TRAINING_ONLY_UNET_KEYS = frozenset({"dropout"})
+
+
 def warm_start(unet: UNet2DConditionModel, source) -> None:
     """Load the weights of ``source`` (a U-Net folder, or a pipeline folder's ``unet/``) into ``unet``.
 
@@ -340,7 +344,9 @@ def warm_start(unet: UNet2DConditionModel, source) -> None:
     mismatched = {
         key: (loaded.config.get(key), unet.config[key])
         for key in unet.config
-        if not key.startswith("_") and plain(loaded.config.get(key)) != plain(unet.config[key])
+        if not key.startswith("_")
+        and key not in TRAINING_ONLY_UNET_KEYS
+        and plain(loaded.config.get(key)) != plain(unet.config[key])
     }
     if mismatched:
         key, (theirs, ours) = next(iter(sorted(mismatched.items())))
@@ -436,14 +442,8 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         checkpoints,
         checkpoints.resolve(resume),
         folder / "losses.csv",
-        epochs=s2.epochs,
-        learning_rate=s2.learning_rate,
-        warmup_fraction=s2.warmup_fraction,
-        grad_clip=s2.grad_clip,
-        max_steps=rt.max_steps,
-        nan_max_consecutive=rt.nan_max_consecutive,
-        grad_explosion_factor=rt.grad_explosion_factor,
-        sync_every_steps=rt.sync_every_steps,
+        s2,
+        rt,
         ema=ema,
     )
     state = training.state

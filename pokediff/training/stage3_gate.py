@@ -8,9 +8,10 @@ training sprites; balanced accuracy, so collapsing to the commonest shape earns 
 sprites (Inception features). Stage 3 ships iff colour or shape goes up, neither goes down, and KID rises by at most
 ``stage3.gate_max_kid_increase``; "up" and "down" are judged per sample, both arms having drawn the same captions
 with the same seeds: an exact one-sided sign test (McNemar) on the samples one arm gets right and the other wrong
-must reach ``stage3.gate_alpha``, so that a few samples' noise on a few hundred is neither a gain nor a loss. The captions it judges on are kept out of stage 3's reward. On rejection the
-pipeline's U-Net is put back to stage 2's; stage 3's stays in ``<run>/unet_stage3`` for inspection. The verdict and
-its reason go to ``stage3_metrics.json``, the log and the model card.
+must reach ``stage3.gate_alpha``, so that a few samples' noise on a few hundred is neither a gain nor a loss. The
+captions it judges on are kept out of stage 3's reward. On rejection the pipeline's U-Net is put back to stage 2's;
+stage 3's stays in ``<run>/unet_stage3`` for inspection. The verdict and its reason go to ``stage3_metrics.json``,
+the log and the model card.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def judge_samples(images, judged: GatePrompts, shape_judge, real_features, featu
     }
 
 
-def decide(stage2: dict, stage3: dict, max_kid_increase: float, alpha: float) -> tuple[str, str]:
-    """("stage2" | "stage3", the reason in words): stage 3 only if colour or shape goes up, neither goes down and
-    KID rises by at most ``max_kid_increase`` (a fraction). A judge goes up (down) when its score does and the sign
-    test on its per-sample ``hits`` gives p_better (p_worse) <= ``alpha``."""
+def decide(stage2: dict, stage3: dict, max_kid_increase: float, alpha: float) -> tuple[str, str, dict]:
+    """("stage2" | "stage3", the reason in words, each judge's sign test): stage 3 only if colour or shape goes up,
+    neither goes down and KID rises by at most ``max_kid_increase`` (a fraction). A judge goes up (down) when its
+    score does and the sign test on its per-sample ``hits`` gives p_better (p_worse) <= ``alpha``."""
     compared = [j for j in JUDGES if stage2.get(j) is not None and stage3.get(j) is not None]
     paired = {j: sign_test(stage2["hits"][j], stage3["hits"][j]) for j in compared}
     gains = [j for j in compared if stage3[j] > stage2[j] and paired[j]["p_better"] <= alpha]
@@ -132,8 +133,8 @@ def decide(stage2: dict, stage3: dict, max_kid_increase: float, alpha: float) ->
     elif not kid_ok:
         why = f"KID {stage3['kid']:.4f} > {1 + max_kid_increase:g} x {stage2['kid']:.4f}"
     else:
-        return "stage3", f"accepted: {facts}"
-    return "stage2", f"rejected ({why}): {facts}"
+        return "stage3", f"accepted: {facts}", paired
+    return "stage2", f"rejected ({why}): {facts}", paired
 
 
 def gate_stage3(cfg, run: Path, device) -> dict:
@@ -177,8 +178,7 @@ def gate_stage3(cfg, run: Path, device) -> dict:
             images = torch.cat(list(batches))
             scores[arm] = judge_samples(images, judged, shape_judge, real, feature_net, list(cfg.data.background))
         s3 = cfg.stage3
-        kept, reason = decide(scores["stage2"], scores["stage3"], s3.gate_max_kid_increase, s3.gate_alpha)
-        paired = {j: sign_test(scores["stage2"]["hits"][j], scores["stage3"]["hits"][j]) for j in JUDGES}
+        kept, reason, paired = decide(scores["stage2"], scores["stage3"], s3.gate_max_kid_increase, s3.gate_alpha)
         verdict = {
             "judges": f"on {len(judged.prompts)} training captions kept out of the reward, same seeds for both: "
             "colour agreement, body-shape balanced accuracy, KID vs the training sprites; gains and losses by an "

@@ -143,6 +143,8 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
                 raise
             logger.warning("stage 3: pretrained CLIP unavailable (%s); using a domain CLIP instead", err)
 
+    # the domain CLIP is fitted on the captions the reward tells apart (stage3.reward_captions)
+    kind = cfg.stage3.reward_captions
     target = folder / DOMAIN_CLIP_DIRNAME
     if clip_cfg.domain_clip_path:
         where = Path(clip_cfg.domain_clip_path).expanduser()
@@ -161,6 +163,8 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
                 splits=splits,
                 device=device,
                 seed=cfg.runtime.seed,
+                captions={name: reward_captions(cfg, splits[name])[0] for name in ("train", "val")},
+                captions_name=kind,
             )
         accelerator.wait_for_everyone()
     model, tokenizer, metrics = load_domain_clip(where, device)
@@ -168,11 +172,18 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
         raise FileNotFoundError(
             f"domain CLIP {where} has no retrieval metrics file; refit it (unset clip.domain_clip_path)"
         )
+    fitted_on = metrics.get("captions", "dataset")  # folders from before the key: dataset captions
+    if fitted_on != kind:
+        raise ConfigError(
+            f"the domain CLIP at {where} was fitted on {fitted_on} captions, but stage3.reward_captions={kind} "
+            "rewards with the other kind: unset clip.domain_clip_path (or give a folder fitted on those) to fit one"
+        )
     check_domain_clip(metrics, clip_cfg.min_top1_over_chance)
     scorer = DomainClipScorer(model, tokenizer, str(where), metrics).to(device)
     info = {
         "clip": scorer.name,
-        "domain CLIP val top-1": f"{metrics['top1']:.3f} (chance {metrics['chance_top1']:.3f}, n={metrics['n']})",
+        "domain CLIP val top-1": f"{metrics['top1']:.3f} (chance {metrics['chance_top1']:.3f}, n={metrics['n']}, "
+        f"{fitted_on} captions)",
         "domain CLIP val top-5": f"{metrics['top5']:.3f} (chance {metrics['chance_top5']:.3f})",
     }
     logger.info(
@@ -405,7 +416,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     device = accelerator.device
 
     vae = SpriteVAE.from_pretrained(str(vae_path)).float().requires_grad_(False).eval().to(device)
-    unet = UNet2DConditionModel.from_pretrained(str(unet_path)).float().to(device)
+    # no dropout (stage 2's unet.dropout): the reward and the KL term compare deterministic U-Net calls
+    unet = UNet2DConditionModel.from_pretrained(str(unet_path), dropout=0.0).float().to(device)
     if vae.config.sample_size != cfg.data.resolution:
         raise ConfigError(
             f"the VAE in {vae_path} was trained on {vae.config.sample_size}px sprites but data.resolution "
@@ -489,14 +501,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         checkpoints,
         resume_from,
         folder / "losses.csv",
-        epochs=s3.epochs,
-        learning_rate=s3.learning_rate,
-        warmup_fraction=s3.warmup_fraction,
-        grad_clip=s3.grad_clip,
-        max_steps=rt.max_steps,
-        nan_max_consecutive=rt.nan_max_consecutive,
-        grad_explosion_factor=rt.grad_explosion_factor,
-        sync_every_steps=rt.sync_every_steps,
+        s3,
+        rt,
     )
     state = training.state
     if resume_from is not None:
