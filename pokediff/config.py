@@ -220,6 +220,10 @@ class ClipConfig:
     domain_hidden_dim: int = 512  # image projection MLP width
     domain_image_backbone: str = "alex"  # alex | vgg (ST-LPIPS ImageNet trunks, shipped in stlpips-pytorch)
     domain_image_size: int = 128  # sprites are resized to this for the image tower
+    # Gaussian blur (sigma in pixels of the sprite) the image tower applies before its trunk, when fitted and when
+    # scoring: a CLIP that cannot see fine texture must read colour and silhouette, and stage 3 cannot please it
+    # with texture (README, "Stage 3, measured"); 0 = none
+    domain_blur_sigma: float = 0.0
     min_top1_over_chance: float = 2.0  # domain CLIP must beat chance top-1 by this factor (0 disables)
 
 
@@ -238,9 +242,19 @@ class Stage3Config:
     denoise_weight: float = 1.0  # x stage 2's denoising loss on real latents
     denoise_batch_size: int = 16  # real latents per update for the denoising term
     reward_step_range: list = field(default_factory=lambda: [0.25, 0.75])  # where in the sampler's steps to score
+    # what the CLIP scores: "step" = the clean-latent estimate at the step with gradients (ReFL: blurry early on);
+    # "final" = the finished sample, the sampler run on past that step with the U-Net's input detached (DRTune):
+    # the gradient reaches the trained step through the solver's own arithmetic
+    reward_target: str = "step"
     # the captions the reward prompts with and tells apart: "visual" = what a picture can show ("a {colour} {type}
     # type pokémon {shape}"), "dataset" = the dataset caption (names and Pokédex text no picture shows)
     reward_captions: str = "visual"
+    # what the U-Net reads while its sample is scored against the reward caption: "reward" = that caption itself,
+    # "dataset" = the row's dataset caption (what the gate, pokediff.eval and most users' long prompts look like)
+    reward_prompts: str = "reward"
+    # what the reward tells a sample's caption apart from: "captions" = every other training caption; "shape" = the
+    # same visual caption naming each other body shape (visual captions only): a reward for shape alone
+    reward_negatives: str = "captions"
     max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues
     eval_num_prompts: int = 32  # val captions sampled for the before/after reward (trained against: the log only)
     # the gate (stage3_gate.py): stage 3's U-Net ships only if colour or body-shape agreement on this many training
@@ -646,13 +660,18 @@ def _check_stages(c: ConfigChecker) -> None:
         "clip.domain_image_size",
     )
     c.positive("clip.domain_learning_rate")
-    c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance")
+    c.non_negative("clip.domain_weight_decay", "clip.min_top1_over_chance", "clip.domain_blur_sigma")
     c.choice("clip.domain_image_backbone", PERCEPTUAL_NETS)
     c.non_negative("stage3.reward_weight", "stage3.kl_weight", "stage3.denoise_weight", "stage3.gate_max_kid_increase")
     if c.value("stage3.reward_weight") == 0:
         c.fail("stage3.reward_weight", c.value("stage3.reward_weight"), "must be > 0 (stage 3 would learn no reward)")
     c.ints_at_least(1, "stage3.denoise_batch_size")
     c.choice("stage3.reward_captions", ("visual", "dataset"))
+    c.choice("stage3.reward_target", ("step", "final"))
+    c.choice("stage3.reward_prompts", ("reward", "dataset"))
+    c.choice("stage3.reward_negatives", ("captions", "shape"))
+    if c.value("stage3.reward_negatives") == "shape" and c.value("stage3.reward_captions") != "visual":
+        c.fail("stage3.reward_negatives", "shape", "needs stage3.reward_captions=visual (captions that name a shape)")
     c.positive("stage3.max_minutes", optional=True)
     c.fraction("stage3.gate_alpha", low_open=True, high_open=True)
     steps = c.value("stage3.reward_step_range")

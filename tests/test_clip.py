@@ -125,6 +125,31 @@ def test_domain_clip_round_trip(tmp_path, trained_clip):
         )
 
 
+def test_a_blurring_domain_clip_cannot_see_fine_texture_and_keeps_its_blur(tmp_path, text_path):
+    """clip.domain_blur_sigma: the image tower blurs before its trunk, so a one-pixel checkerboard on a flat colour
+    moves its features far less than without blur; the setting is saved with the folder; pixels still get gradients."""
+    from pokediff.models.clip import build_domain_clip, gaussian_blur
+
+    flat = torch.full((1, 3, 32, 32), 0.2)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 0.6 - 0.3  # +-0.3, 1-pixel period
+    textured = flat + checker
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    moves = {}
+    for sigma in (0.0, 2.0):
+        model, tokenizer = build_domain_clip(text_path, tiny_clip_cfg(domain_blur_sigma=sigma), max_text_length=16)
+        with torch.no_grad():
+            a, b = model.visual.backbone_features(flat), model.visual.backbone_features(textured)
+        moves[sigma] = float((a - b).norm() / a.norm())
+        if sigma:
+            path = save_domain_clip(model, tokenizer, tmp_path / "blurred")
+            loaded, _, _ = load_domain_clip(path)
+            assert loaded.config.blur_sigma == 2.0 and loaded.visual.blur_sigma == 2.0
+            px = textured.clone().requires_grad_(True)
+            loaded.encode_image(px).sum().backward()
+            assert px.grad.abs().sum() > 0
+    assert moves[2.0] < 0.2 * moves[0.0], moves
+
+
 def test_load_domain_clip_rejects_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a domain CLIP folder"):
         load_domain_clip(tmp_path)

@@ -93,6 +93,9 @@ def test_resolved_config_round_trips(tmp_path):
             "data.split_fractions=[0.8, 0.15, 0.15]: must be three numbers in [0, 1] summing to 1 (train, val, test)",
         ),
         ("clip.source=openai", "clip.source='openai': must be one of auto, pretrained, domain"),
+        ("stage3.reward_target=end", "stage3.reward_target='end': must be one of step, final"),
+        ("stage3.reward_prompts=visual", "stage3.reward_prompts='visual': must be one of reward, dataset"),
+        ("stage3.reward_negatives=body", "stage3.reward_negatives='body': must be one of captions, shape"),
         (
             "scheduler.prediction_type=sample",
             "scheduler.prediction_type='sample': must be one of epsilon, v_prediction",
@@ -141,6 +144,8 @@ def test_bad_values_name_key_value_and_what_is_allowed(override, message):
 def test_cross_field_rules():
     with pytest.raises(ConfigError, match=r"^stage3.reward_weight=0.0: must be > 0 \(stage 3 would learn no reward\)"):
         load_config(overrides={"stage3.reward_weight": 0.0})
+    with pytest.raises(ConfigError, match=r"reward_negatives='shape': needs stage3.reward_captions=visual"):
+        load_config(overrides={"stage3.reward_negatives": "shape", "stage3.reward_captions": "dataset"})
     with pytest.raises(ConfigError, match=r"^stage1.l1_weight=0.0: must be > 0 when stage1.perceptual_weight is 0"):
         load_config(overrides={"stage1.l1_weight": 0.0, "stage1.perceptual_weight": 0.0})
 

@@ -166,7 +166,7 @@ def test_stage3_stops_on_a_weak_domain_clip(stage12, stage3_run, tiny_data_root,
     assert not (tmp_path / cfg.runtime.experiment_name / UNET_DIRNAME).exists()
 
 
-def test_stage3_refuses_a_domain_clip_fitted_on_other_captions(stage12, stage3_run, tiny_data_root, tmp_path):
+def test_stage3_refuses_a_domain_clip_fitted_on_other_captions_or_blur(stage12, stage3_run, tiny_data_root, tmp_path):
     root, text = stage12
     _, pipeline_dir, _ = stage3_run
     fitted = pipeline_dir.parent / "domain_clip"
@@ -176,6 +176,11 @@ def test_stage3_refuses_a_domain_clip_fitted_on_other_captions(stage12, stage3_r
     )
     with pytest.raises(ConfigError, match=r"fitted on visual captions, but stage3.reward_captions=dataset"):
         train_stage3(cfg, root / "vae", root / "unet")
+    blurred = make_cfg(
+        tiny_data_root, text, tmp_path, **{"clip.domain_clip_path": str(fitted), "clip.domain_blur_sigma": 2.0}
+    )
+    with pytest.raises(ConfigError, match=r"blurred by sigma 0, but clip.domain_blur_sigma=2"):
+        train_stage3(blurred, root / "vae", root / "unet")
 
 
 def test_stage3_refuses_when_the_gate_leaves_no_reward_prompts(stage12, stage3_run, tiny_data_root, tmp_path):
@@ -201,9 +206,9 @@ def test_predict_x0_inverts_the_forward_process(prediction_type):
     torch.testing.assert_close(predict_x0(scheduler, noisy, target, t), x0, atol=1e-3, rtol=1e-3)
 
 
-def test_reward_loss_rises_the_reward_on_a_fixed_batch(stage12, stage3_run):
-    """Only the cross-attention K/V train; at step 0 the KL anchor is 0; 30 AdamW steps of the reward term alone on
-    one fixed batch (same noise, same scored step) raise the reward clearly, and the KL anchor then sees the move."""
+def tiny_reward_setup(stage12, stage3_run):
+    """(a tiny U-Net with only its text cross-attention K/V trainable, a ``RewardLoss`` factory on 6 cached
+    rows of random latents and embeddings, scored by the run's domain CLIP against random caption features)."""
     import copy
 
     from pokediff.models.clip import DomainClipScorer, load_domain_clip
@@ -232,12 +237,27 @@ def test_reward_loss_rises_the_reward_on_a_fixed_batch(stage12, stage3_run):
         unet, noise_scheduler, cache, vae.scale_latents, caption_dropout=0.1, device="cpu", **common
     )
     features = torch.nn.functional.normalize(torch.randn(n, clip.config.embed_dim), dim=-1)
-    loss = RewardLoss(
-        unet, unet, reference, vae, scorer, noise_scheduler, cfg.scheduler, cache, denoise,
-        prompt_embeds=cache.embeddings, prompt_masks=cache.masks, caption_features=features, caption_index=torch.arange(n),
-        num_inference_steps=4, guidance_scale=3.0, step_range=(0.5, 0.5), reward_weight=1.0, kl_weight=0.0,
-        denoise_weight=0.0, denoise_batch_size=2, device="cpu", **common,
-    )  # fmt: skip
+
+    def make_loss(reward_target: str, step_range: tuple) -> RewardLoss:
+        return RewardLoss(
+            unet, unet, reference, vae, scorer, noise_scheduler, cfg.scheduler, cache, denoise,
+            prompt_embeds=cache.embeddings, prompt_masks=cache.masks, caption_features=features,
+            caption_index=torch.arange(n), caption_candidates=None, num_inference_steps=4, guidance_scale=3.0, step_range=step_range,
+            reward_target=reward_target, reward_weight=1.0, kl_weight=0.0, denoise_weight=0.0, denoise_batch_size=2,
+            device="cpu", **common,
+        )  # fmt: skip
+
+    return unet, make_loss
+
+
+@pytest.mark.parametrize("reward_target, step_range", [("step", (0.5, 0.5)), ("final", (0.75, 0.75))])
+def test_reward_loss_rises_the_reward_on_a_fixed_batch(stage12, stage3_run, reward_target, step_range):
+    """Only the cross-attention K/V train; at step 0 the KL anchor is 0; 30 AdamW steps of the reward term alone on
+    one fixed batch (same noise, same step with gradients) raise the reward clearly, and the KL anchor then sees the
+    move: with the reward on that step's clean-latent estimate, and on the finished sample (scored at the last
+    step, where the gradient through the solver's update is exact)."""
+    unet, make_loss = tiny_reward_setup(stage12, stage3_run)
+    loss = make_loss(reward_target, step_range)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     index = torch.tensor([0, 3])
     rewards, kls = [], []
@@ -252,6 +272,27 @@ def test_reward_loss_rises_the_reward_on_a_fixed_batch(stage12, stage3_run):
     assert kls[0] == pytest.approx(0.0, abs=1e-10)
     assert kls[-1] > 0
     assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+def test_the_final_sample_reward_does_not_depend_on_the_step_with_gradients(stage12, stage3_run):
+    """reward_target=final scores the finished sample: the same noise gives the same reward whichever step carries
+    the gradients, and from the first step the gradient still reaches the trained K/V through the later updates;
+    reward_target=step scores that step's estimate, which differs from step to step."""
+    unet, make_loss = tiny_reward_setup(stage12, stage3_run)
+    index = torch.tensor([0, 3])
+    rewards = {}
+    for target in ("final", "step"):
+        for step_range in ((0.0, 0.0), (0.75, 0.75)):
+            torch.manual_seed(1)
+            unet.zero_grad()
+            total, parts = make_loss(target, step_range)(index, 0)
+            total.backward()
+            rewards[target, step_range[0]] = float(parts["reward"])
+            grads = [p.grad for p in unet.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert rewards["final", 0.0] == pytest.approx(rewards["final", 0.75], abs=1e-4)
+    assert abs(rewards["step", 0.0] - rewards["step", 0.75]) > 1e-3
 
 
 def test_the_reward_loss_does_not_use_the_gate_judges():
@@ -424,3 +465,39 @@ def test_gate_puts_stage2_unet_back_unless_stage3_wins(stage12, stage3_run, tmp_
     card = (run / "pipeline" / "README.md").read_text()  # the card claims stage 3 only if its U-Net is there
     assert "stage 3 gate" in card and result["reason"].split(":")[0] in card
     assert ("Stage 3: ran for these weights" in card) == (verdict == "stage3")
+
+
+def test_shape_negatives_contrast_each_caption_with_itself_naming_other_shapes(tiny_data_root):
+    """stage3.reward_negatives=shape: each row's candidates are its visual caption with every body shape named,
+    its target is its own caption; the reward is then a softmax over those candidates only."""
+    from pokediff.config import load_config
+    from pokediff.data import load_splits
+    from pokediff.data.captions import SHAPE_PHRASES
+    from pokediff.training.stage3_reward import contrastive_reward, reward_captions, reward_targets
+
+    cfg = load_config(overrides={"data.root": str(tiny_data_root), "stage3.reward_negatives": "shape"})
+    split = load_splits(cfg.data, require=("train",))["train"]
+    captions = reward_captions(cfg, split)[0]
+    table, target, candidates = reward_targets(cfg, split, captions)
+    assert candidates.shape == (len(captions), len(SHAPE_PHRASES)) and target.shape == (len(captions),)
+    for i, caption in enumerate(captions):
+        named = [table[j] for j in candidates[i]]
+        assert named[target[i]] == caption and len(set(named)) == len(SHAPE_PHRASES)
+        prefix = caption.split(" pokémon ")[0]
+        assert all(n.startswith(prefix + " pokémon ") for n in named)
+
+    class Scorer:  # image features = the pixels' first 3 values: enough to check the arithmetic
+        logit_scale = torch.tensor(2.0)
+
+        def image_features(self, images):
+            return images.flatten(1)[:, :3]
+
+    features = torch.nn.functional.normalize(torch.randn(6, 3), dim=-1)
+    images = torch.rand(2, 1, 1, 3)
+    subset = torch.tensor([[4, 1, 5], [0, 2, 3]])
+    got = contrastive_reward(Scorer(), images, features, torch.tensor([2, 0]), subset)
+    logits = 2.0 * images.flatten(1) @ features.T
+    expected = torch.stack([logits[0, [4, 1, 5]].log_softmax(0)[2], logits[1, [0, 2, 3]].log_softmax(0)[0]])
+    torch.testing.assert_close(got, expected)
+    everything = contrastive_reward(Scorer(), images, features, torch.tensor([5, 0]))
+    torch.testing.assert_close(everything, logits.log_softmax(-1)[[0, 1], [5, 0]])

@@ -139,10 +139,20 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) 
     )
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Differentiable Gaussian blur of (B, C, H, W) ``images``, kernel 2*ceil(3 sigma)+1, reflected borders."""
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
+
+    size = 2 * math.ceil(3 * sigma) + 1
+    return tv_blur(images, [size, size], [sigma, sigma])
+
+
 class DomainImageTower(nn.Module):
     """Frozen ST-LPIPS trunk -> per-layer spatial mean and max -> trainable MLP projection."""
 
-    def __init__(self, backbone: str, image_size: int, embed_dim: int, hidden_dim: int, dropout: float):
+    def __init__(
+        self, backbone: str, image_size: int, embed_dim: int, hidden_dim: int, dropout: float, blur_sigma: float = 0.0
+    ):
         super().__init__()
         if backbone not in IMAGE_BACKBONES:
             raise ValueError(f"clip.domain_image_backbone must be one of {IMAGE_BACKBONES}, got '{backbone}'")
@@ -150,7 +160,7 @@ class DomainImageTower(nn.Module):
         self.scaling_layer = lpips_net.scaling_layer
         self.trunk = lpips_net.net
         self.trunk.requires_grad_(False)
-        self.image_size = image_size
+        self.image_size, self.blur_sigma = image_size, blur_sigma
         feature_dim = 2 * sum(lpips_net.chns)
         self.proj = projection_head(feature_dim, hidden_dim, embed_dim, dropout)
 
@@ -158,6 +168,8 @@ class DomainImageTower(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, feature_dim); differentiable w.r.t. the pixels."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got shape {tuple(pixel_values.shape)}")
+        if self.blur_sigma > 0:
+            pixel_values = gaussian_blur(pixel_values, self.blur_sigma)
         x = F.interpolate(
             pixel_values, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
         )
@@ -185,6 +197,7 @@ class DomainCLIP(ModelMixin, ConfigMixin):
         dropout: float = 0.1,
         max_text_length: int = 32,
         init_logit_scale: float = math.log(1 / 0.07),
+        blur_sigma: float = 0.0,  # folders fitted before this key read sharp images
     ):
         super().__init__()
         from open_clip.hf_model import HFTextEncoder
@@ -198,7 +211,7 @@ class DomainCLIP(ModelMixin, ConfigMixin):
         self.text.transformer.requires_grad_(False)
         # the same standardised MLP head as the image tower, in place of HFTextEncoder's bare projection
         self.text.proj = projection_head(hf_config.hidden_size, hidden_dim, embed_dim, dropout)
-        self.visual = DomainImageTower(image_backbone, image_size, embed_dim, hidden_dim, dropout)
+        self.visual = DomainImageTower(image_backbone, image_size, embed_dim, hidden_dim, dropout, blur_sigma)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def train(self, mode: bool = True):
@@ -262,6 +275,7 @@ def build_domain_clip(text_encoder_name: str, clip_cfg, max_text_length: int = 3
         image_size=clip_cfg.domain_image_size,
         hidden_dim=clip_cfg.domain_hidden_dim,
         max_text_length=max_text_length,
+        blur_sigma=clip_cfg.domain_blur_sigma,
     )
     model.text.transformer.load_state_dict(text_model.state_dict())
     return model.eval(), tokenizer
@@ -312,10 +326,13 @@ def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor
     if n == 0 or text_features.shape[0] != n:
         raise ValueError(f"need matching non-empty image/text features, got {n} and {text_features.shape[0]}")
     captions = list(range(n)) if captions is None else list(captions)
-    first = {caption: i for i, caption in reversed(list(enumerate(captions)))}  # each caption's first row
-    candidates = list(dict.fromkeys(captions))
-    target = torch.tensor([candidates.index(c) for c in captions])
-    sims = image_features @ text_features[[first[c] for c in candidates]].T
+    first_row: dict = {}  # each distinct caption's first row, in order of appearance: the candidates
+    for i, caption in enumerate(captions):
+        first_row.setdefault(caption, i)
+    position = {caption: j for j, caption in enumerate(first_row)}
+    candidates = list(first_row.values())
+    target = torch.tensor([position[c] for c in captions])
+    sims = image_features @ text_features[candidates].T
     # rank of the true caption = how many candidates score strictly higher
     true = sims.gather(1, target[:, None])
     rank = (sims > true).sum(dim=1)
@@ -452,6 +469,7 @@ def fit_domain_clip(
             "epochs": clip_cfg.domain_epochs,
             "text_encoder": text_encoder_name,
             "image_backbone": f"stlpips-{clip_cfg.domain_image_backbone}",
+            "blur_sigma": clip_cfg.domain_blur_sigma,
         }
     )
     metrics["top1_over_chance"] = metrics["top1"] / metrics["chance_top1"]

@@ -3,9 +3,12 @@
 One update, on a batch of training captions:
 1. draw fresh noise and a step k in ``stage3.reward_step_range`` of the sampler's steps, and run the pipeline's
    sampler (its scheduler, classifier-free guidance) to step k without gradients;
-2. one guided U-Net call with gradients at step k; its clean-latent estimate is decoded (the frozen VAE) and
-   scored by the CLIP: the reward is the log-probability the CLIP gives the image's own caption among every
-   training caption (contrastive: drawing every sample towards the average caption earns nothing);
+2. one guided U-Net call with gradients at step k; what the CLIP scores (``stage3.reward_target``) is either that
+   call's clean-latent estimate ("step", ReFL: blurry at early steps) or the finished sample ("final": the sampler
+   runs on to the end without gradients through the U-Net's input, as DRTune does, so the gradient reaches step k
+   through the solver's own updates), decoded by the frozen VAE. The reward is the log-probability the CLIP gives
+   the image's own caption among every training caption (contrastive: drawing every sample towards the average
+   caption earns nothing);
 3. anchors: DRaFT+'s KL term, the squared difference to the frozen stage-2 U-Net on the same input (both halves of
    guidance), and stage 2's denoising loss on real latents (the ReFL paper's pre-training term).
 
@@ -126,8 +129,11 @@ def mark_trainable(unet) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- CLIP
-def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool) -> tuple[ClipScorer, dict]:
-    """The CLIP stage 3 trains against, and what to record about it (logged and put in the model card)."""
+def select_clip(
+    cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool, captions: dict
+) -> tuple[ClipScorer, dict]:
+    """The CLIP stage 3 trains against, and what to record about it (logged and put in the model card).
+    ``captions``: each train and val row's reward caption (``reward_captions``), what a domain CLIP is fitted on."""
     clip_cfg, device = cfg.clip, accelerator.device
     source = clip_cfg.source
     if source not in ("auto", "pretrained", "domain"):
@@ -163,7 +169,7 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
                 splits=splits,
                 device=device,
                 seed=cfg.runtime.seed,
-                captions={name: reward_captions(cfg, splits[name])[0] for name in ("train", "val")},
+                captions=captions,
                 captions_name=kind,
             )
         accelerator.wait_for_everyone()
@@ -178,12 +184,18 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
             f"the domain CLIP at {where} was fitted on {fitted_on} captions, but stage3.reward_captions={kind} "
             "rewards with the other kind: unset clip.domain_clip_path (or give a folder fitted on those) to fit one"
         )
+    if model.config.blur_sigma != clip_cfg.domain_blur_sigma:
+        raise ConfigError(
+            f"the domain CLIP at {where} was fitted on images blurred by sigma {model.config.blur_sigma:g}, but "
+            f"clip.domain_blur_sigma={clip_cfg.domain_blur_sigma:g}: unset clip.domain_clip_path to fit one, or set "
+            "the sigma it was fitted with"
+        )
     check_domain_clip(metrics, clip_cfg.min_top1_over_chance)
     scorer = DomainClipScorer(model, tokenizer, str(where), metrics).to(device)
     info = {
         "clip": scorer.name,
         "domain CLIP val top-1": f"{metrics['top1']:.3f} (chance {metrics['chance_top1']:.3f}, n={metrics['n']}, "
-        f"{fitted_on} captions)",
+        f"{fitted_on} captions, blur sigma {model.config.blur_sigma:g} px)",
         "domain CLIP val top-5": f"{metrics['top5']:.3f} (chance {metrics['chance_top5']:.3f})",
     }
     logger.info(
@@ -195,11 +207,42 @@ def select_clip(cfg, folder: Path, splits, accelerator, reuse_domain_clip: bool)
     return scorer, info
 
 
-def contrastive_reward(scorer: ClipScorer, images, caption_features, target_index) -> torch.Tensor:
-    """(B,) log-probability the CLIP gives each image's own caption (row ``target_index`` of the unit
-    ``caption_features``) among all of them, at the CLIP's own temperature."""
+def contrastive_reward(scorer: ClipScorer, images, caption_features, target_index, candidates=None) -> torch.Tensor:
+    """(B,) log-probability the CLIP gives each image's own caption among the candidates, at the CLIP's own
+    temperature. Without ``candidates`` they are all rows of the unit ``caption_features`` and ``target_index`` is a
+    row; with ``candidates`` (B, K) rows of it per image, ``target_index`` is a position among those K."""
     logits = scorer.logit_scale * scorer.image_features(images).float() @ caption_features.T
+    if candidates is not None:
+        logits = logits.gather(1, candidates)
     return logits.log_softmax(dim=-1).gather(1, target_index[:, None]).squeeze(1)
+
+
+def reward_targets(cfg, split, captions: list[str]):
+    """(the captions the CLIP embeds, each row's target, each row's candidates or None) for ``captions`` (each row's
+    reward caption). ``stage3.reward_negatives``: "captions" contrasts a row's caption with every distinct one
+    (target = its index among them); "shape" with the same visual caption naming each other body shape only
+    (candidates = those K captions' indices, target = the row's position among them), so only shape earns reward."""
+    distinct = list(dict.fromkeys(captions))
+    if cfg.stage3.reward_negatives == "captions":
+        position = {caption: i for i, caption in enumerate(distinct)}
+        return distinct, torch.tensor([position[c] for c in captions]), None
+    from pokediff.data.captions import SHAPE_PHRASES, visual_caption
+
+    shapes = list(SHAPE_PHRASES)
+    records = split.remove_columns(cfg.data.image_column).to_list()
+    table: dict[str, int] = {}
+    candidates, target = [], []
+    for row, caption in zip(records, captions):
+        own = str(row.get("shape") or "").strip().lower()
+        if own not in SHAPE_PHRASES:
+            raise ConfigError(
+                f"stage3.reward_negatives=shape needs a body shape on every row, but '{caption}' has "
+                f"'{own or 'none'}' (one of {', '.join(shapes)}); use stage3.reward_negatives=captions"
+            )
+        variants = [visual_caption({**row, "shape": shape}, caption) for shape in shapes]
+        candidates.append([table.setdefault(v, len(table)) for v in variants])
+        target.append(shapes.index(own))
+    return list(table), torch.tensor(target), torch.tensor(candidates)
 
 
 def reward_captions(cfg, split) -> tuple[list[str], list[str], torch.Tensor]:
@@ -214,6 +257,15 @@ def reward_captions(cfg, split) -> tuple[list[str], list[str], torch.Tensor]:
     distinct = list(dict.fromkeys(captions))
     position = {caption: i for i, caption in enumerate(distinct)}
     return captions, distinct, torch.tensor([position[c] for c in captions])
+
+
+def reward_prompts(cfg, split, captions: list[str]) -> list[str]:
+    """What the U-Net reads for each row while stage 3 scores it against ``captions`` (its reward captions).
+    ``stage3.reward_prompts``: "reward" (those captions themselves) or "dataset" (the row's dataset caption, what
+    the gate and ``pokediff.eval`` prompt with)."""
+    if cfg.stage3.reward_prompts == "reward":
+        return list(captions)
+    return [str(c) for c in split[cfg.data.caption_column]]
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -253,9 +305,11 @@ class RewardLoss:
         prompt_masks,
         caption_features,
         caption_index,
+        caption_candidates,
         num_inference_steps: int,
         guidance_scale: float,
         step_range: tuple[float, float],
+        reward_target: str,
         reward_weight: float,
         kl_weight: float,
         denoise_weight: float,
@@ -279,10 +333,14 @@ class RewardLoss:
         # among ``caption_features`` (the CLIP's unit features of the distinct captions)
         self.prompt_embeds, self.prompt_masks = prompt_embeds, prompt_masks
         self.caption_features, self.caption_index = caption_features, caption_index
+        self.caption_candidates = caption_candidates  # (rows, K) or None: see ``reward_targets``
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         low, high = step_range
         self.first_step = min(num_inference_steps - 1, int(math.floor(low * num_inference_steps)))
         self.last_step = max(self.first_step, min(num_inference_steps - 1, int(math.ceil(high * num_inference_steps))))
+        if reward_target not in ("step", "final"):
+            raise ValueError(f"reward_target must be 'step' or 'final', got {reward_target!r}")
+        self.reward_target = reward_target
         self.reward_weight, self.kl_weight, self.denoise_weight = reward_weight, kl_weight, denoise_weight
         self.denoise_batch_size, self.latent_clamp = denoise_batch_size, latent_clamp
         self.huber_delta, self.min_snr_gamma = huber_delta, min_snr_gamma
@@ -290,7 +348,7 @@ class RewardLoss:
 
     @torch.no_grad()
     def _sample_to(self, step: int, embeds, masks, null_embeds, null_masks):
-        """The sampler's latents before ``step`` (of ``num_inference_steps``) and the timestep there."""
+        """(the sampler's latents before ``step`` of ``num_inference_steps``, the timestep there, the sampler)."""
         scheduler = build_inference_scheduler(self.scheduler_cfg)  # a fresh one: multistep solvers keep history
         scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         shape = (embeds.shape[0], *self.cache.mean.shape[1:])
@@ -300,7 +358,22 @@ class RewardLoss:
                 self.sampling_unet, latents, t, embeds, masks, null_embeds, null_masks, self.guidance_scale
             )
             latents = scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
-        return latents, scheduler.timesteps[step]
+        return latents, scheduler.timesteps[step], scheduler
+
+    def _finish(self, scheduler, step: int, latents, guided, embeds, masks, null_embeds, null_masks):
+        """The finished sample from the guided output at ``step`` (with gradients): the sampler runs on with the
+        U-Net's input detached (DRTune's stop-gradient), so the gradient reaches ``guided`` only through the
+        solver's own update arithmetic and no later U-Net call needs a backward pass."""
+        timesteps = scheduler.timesteps
+        latents = scheduler.step(guided, timesteps[step], latents, return_dict=False)[0]
+        for t in timesteps[step + 1 :]:
+            with torch.no_grad():
+                _, later = guided_output(
+                    self.sampling_unet, latents.detach(), t, embeds, masks, null_embeds, null_masks,
+                    self.guidance_scale,
+                )  # fmt: skip
+            latents = scheduler.step(later, t, latents, return_dict=False)[0]
+        return latents
 
     def __call__(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         cache, device = self.cache, self.device
@@ -310,7 +383,7 @@ class RewardLoss:
         null_embeds = cache.null_embedding.expand(batch, -1, -1)
         null_masks = cache.null_mask.expand(batch, -1)
         k = int(torch.randint(self.first_step, self.last_step + 1, ()))
-        latents, t = self._sample_to(k, embeds, masks, null_embeds, null_masks)
+        latents, t, scheduler = self._sample_to(k, embeds, masks, null_embeds, null_masks)
 
         # one U-Net call with gradients serves the reward (both halves of guidance at step k) and the denoising
         # anchor (real latents at uniform timesteps): one forward per backward, as DDP wants
@@ -326,11 +399,15 @@ class RewardLoss:
         ).sample.float()
         guided_pair, real_pred = out[: 2 * batch], out[2 * batch :]
         guided = mix_guidance(guided_pair, self.guidance_scale)
-        x0 = predict_x0(self.noise_scheduler, latents, guided, t.expand(batch).to(device))
+        if self.reward_target == "final":
+            x0 = self._finish(scheduler, k, latents, guided, embeds, masks, null_embeds, null_masks)
+        else:
+            x0 = predict_x0(self.noise_scheduler, latents, guided, t.expand(batch).to(device))
         images = decode(self.vae, x0.clamp(-self.latent_clamp, self.latent_clamp))
         if bool(torch.rand(()) < 0.5):
             images = images.flip(-1)  # the reward should not depend on which way a sprite faces
-        reward = contrastive_reward(self.scorer, images, self.caption_features, self.caption_index[index])
+        candidates = None if self.caption_candidates is None else self.caption_candidates[index]
+        reward = contrastive_reward(self.scorer, images, self.caption_features, self.caption_index[index], candidates)
         with torch.no_grad():
             reference, _ = guided_output(
                 self.reference_unet, latents, t, embeds, masks, null_embeds, null_masks, self.guidance_scale
@@ -353,11 +430,12 @@ class RewardLoss:
 @torch.no_grad()
 def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer, val_reward, val_cache, noise_scheduler, grid_path):
     """The reward on samples for val prompts (trained against: for the log, never for the gate), the val
-    denoising loss and the fixed-prompt sample grid. ``val_reward``: ``reward_captions`` of the val split."""
+    denoising loss and the fixed-prompt sample grid. ``val_reward``: (the val rows' prompts, then what
+    ``reward_targets`` gives for them: the captions the CLIP embeds, each row's target and candidates)."""
     s2, s3 = cfg.stage2, cfg.stage3
-    prompts, distinct, position = val_reward
+    prompts, table, target, candidates = val_reward
     with torch.no_grad():
-        features = scorer.text_features(distinct).float()
+        features = scorer.text_features(table).float()
     was_training = unet.training
     unet.eval()
     try:
@@ -384,7 +462,13 @@ def evaluate(cfg, vae, unet, text_encoder, tokenizer, scorer, val_reward, val_ca
                 output_type="pt",  # the pipeline's default steps and guidance, as users draw
             ).images.float()
             rewards.append(
-                contrastive_reward(scorer, images.to(scorer.device), features, position[rows].to(scorer.device))
+                contrastive_reward(
+                    scorer,
+                    images.to(scorer.device),
+                    features,
+                    target[rows].to(scorer.device),
+                    None if candidates is None else candidates[rows].to(scorer.device),
+                )
             )
         grid = stage2_sample_grid(cfg, pipe, grid_path)
     finally:
@@ -437,7 +521,19 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     splits = load_splits(cfg.data, require=("train", "val"))
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     resume_from = checkpoints.resolve(resume)
-    scorer, clip_info = select_clip(cfg, folder, splits, accelerator, reuse_domain_clip=resume_from is not None)
+    train_captions, train_distinct, _ = reward_captions(cfg, splits["train"])
+    val_captions = reward_captions(cfg, splits["val"])[0]
+    scorer, clip_info = select_clip(
+        cfg,
+        folder,
+        splits,
+        accelerator,
+        reuse_domain_clip=resume_from is not None,
+        captions={"train": train_captions, "val": val_captions},
+    )
+    train_prompts = reward_prompts(cfg, splits["train"], train_captions)
+    val_reward = (reward_prompts(cfg, splits["val"], val_captions), *reward_targets(cfg, splits["val"], val_captions))
+    train_table, train_target, train_candidates = reward_targets(cfg, splits["train"], train_captions)
     scorer.requires_grad_(False)
 
     s2 = cfg.stage2
@@ -456,10 +552,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     val_cache = build_cache(
         vae, tokenizer, text_encoder, val_set, cfg.data.max_text_length, device, flips=False, desc="caching val latents"
     )
-    train_prompts, train_distinct, train_position = reward_captions(cfg, splits["train"])
-    val_reward = reward_captions(cfg, splits["val"])
     with torch.no_grad():
-        train_features = scorer.text_features(train_distinct).float()
+        train_features = scorer.text_features(train_table).float()
         prompt_embeds, prompt_masks = encode_texts(
             tokenizer, text_encoder, train_prompts, cfg.data.max_text_length, device
         )
@@ -534,12 +628,14 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
         prompt_embeds=prompt_embeds,
         prompt_masks=prompt_masks,
         caption_features=train_features,
-        caption_index=train_position.to(device),
+        caption_index=train_target.to(device),
+        caption_candidates=None if train_candidates is None else train_candidates.to(device),
         # what users draw with (the pipeline's defaults, as the gate and pokediff.eval sample), not the
         # training grids' scheduler.num_inference_steps / guidance_scale
         num_inference_steps=DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale=DEFAULT_GUIDANCE_SCALE,
         step_range=tuple(s3.reward_step_range),
+        reward_target=s3.reward_target,
         reward_weight=s3.reward_weight,
         kl_weight=s3.kl_weight,
         denoise_weight=s3.denoise_weight,
@@ -582,8 +678,10 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
             "trainable": f"{len(trainable)} tensors: the key/value projections of the U-Net's text cross-attention",
             "steps": state.global_step,
             "skipped_batches": training.stepper.guard.total_skipped,
-            "reward_prompts": len(reward_rows),
-            "reward_captions": f"{cfg.stage3.reward_captions}: {len(train_distinct)} distinct among the training rows",
+            "reward_prompts": f"{len(reward_rows)} training rows, prompted with their {s3.reward_prompts} captions",
+            "reward_captions": f"{s3.reward_captions}: {len(train_distinct)} distinct among the training rows, "
+            f"each contrasted with {'every other' if train_candidates is None else 'itself naming each body shape'}",
+            "reward_target": f"{s3.reward_target} (steps {s3.reward_step_range[0]:g}-{s3.reward_step_range[1]:g})",
             "before": before,
             "after": after,
         }
