@@ -477,7 +477,7 @@ def test_shape_negatives_contrast_each_caption_with_itself_naming_other_shapes(t
 
     cfg = load_config(overrides={"data.root": str(tiny_data_root), "stage3.reward_negatives": "shape"})
     split = load_splits(cfg.data, require=("train",))["train"]
-    captions = reward_captions(cfg, split)[0]
+    captions = reward_captions(cfg, split)
     table, target, candidates = reward_targets(cfg, split, captions)
     assert candidates.shape == (len(captions), len(SHAPE_PHRASES)) and target.shape == (len(captions),)
     for i, caption in enumerate(captions):

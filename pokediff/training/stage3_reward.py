@@ -245,8 +245,8 @@ def reward_targets(cfg, split, captions: list[str]):
     return list(table), torch.tensor(target), torch.tensor(candidates)
 
 
-def reward_captions(cfg, split) -> tuple[list[str], list[str], torch.Tensor]:
-    """(each row's reward caption, the distinct ones (the CLIP's candidates), each row's index among them).
+def reward_captions(cfg, split) -> list[str]:
+    """Each row's reward caption (``reward_targets`` makes the CLIP's candidates of them).
     ``stage3.reward_captions``: "visual" (``data.captions.visual_caption``) or "dataset" (the caption column)."""
     from pokediff.data.captions import visual_caption
 
@@ -254,9 +254,7 @@ def reward_captions(cfg, split) -> tuple[list[str], list[str], torch.Tensor]:
     captions = [str(c) for c in records[cfg.data.caption_column]]
     if cfg.stage3.reward_captions == "visual":
         captions = [visual_caption(row, caption) for row, caption in zip(records.to_list(), captions)]
-    distinct = list(dict.fromkeys(captions))
-    position = {caption: i for i, caption in enumerate(distinct)}
-    return captions, distinct, torch.tensor([position[c] for c in captions])
+    return captions
 
 
 def reward_prompts(cfg, split, captions: list[str]) -> list[str]:
@@ -353,12 +351,20 @@ class RewardLoss:
         scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         shape = (embeds.shape[0], *self.cache.mean.shape[1:])
         latents = torch.randn(shape, device=self.device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps[:step]:
-            _, guided = guided_output(
-                self.sampling_unet, latents, t, embeds, masks, null_embeds, null_masks, self.guidance_scale
-            )
-            latents = scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
+        latents = self._run(scheduler, scheduler.timesteps[:step], latents, embeds, masks, null_embeds, null_masks)
         return latents, scheduler.timesteps[step], scheduler
+
+    def _run(self, scheduler, timesteps, latents, embeds, masks, null_embeds, null_masks):
+        """``scheduler``'s steps at ``timesteps`` from ``latents``; the U-Net sees them detached, without gradients,
+        so gradients (where ``latents`` carries any) flow only through the solver's updates."""
+        for t in timesteps:
+            with torch.no_grad():
+                _, guided = guided_output(
+                    self.sampling_unet, latents.detach(), t, embeds, masks, null_embeds, null_masks,
+                    self.guidance_scale,
+                )  # fmt: skip
+            latents = scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
+        return latents
 
     def _finish(self, scheduler, step: int, latents, guided, embeds, masks, null_embeds, null_masks):
         """The finished sample from the guided output at ``step`` (with gradients): the sampler runs on with the
@@ -366,14 +372,7 @@ class RewardLoss:
         solver's own update arithmetic and no later U-Net call needs a backward pass."""
         timesteps = scheduler.timesteps
         latents = scheduler.step(guided, timesteps[step], latents, return_dict=False)[0]
-        for t in timesteps[step + 1 :]:
-            with torch.no_grad():
-                _, later = guided_output(
-                    self.sampling_unet, latents.detach(), t, embeds, masks, null_embeds, null_masks,
-                    self.guidance_scale,
-                )  # fmt: skip
-            latents = scheduler.step(later, t, latents, return_dict=False)[0]
-        return latents
+        return self._run(scheduler, timesteps[step + 1 :], latents, embeds, masks, null_embeds, null_masks)
 
     def __call__(self, index: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         cache, device = self.cache, self.device
@@ -521,8 +520,8 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
     splits = load_splits(cfg.data, require=("train", "val"))
     checkpoints = CheckpointManager(accelerator, folder / "checkpoints" / STAGE, rt.checkpoints_total_limit)
     resume_from = checkpoints.resolve(resume)
-    train_captions, train_distinct, _ = reward_captions(cfg, splits["train"])
-    val_captions = reward_captions(cfg, splits["val"])[0]
+    train_captions = reward_captions(cfg, splits["train"])
+    val_captions = reward_captions(cfg, splits["val"])
     scorer, clip_info = select_clip(
         cfg,
         folder,
@@ -679,7 +678,7 @@ def train_stage3(cfg, vae_path, unet_path, accelerator=None, resume: Optional[st
             "steps": state.global_step,
             "skipped_batches": training.stepper.guard.total_skipped,
             "reward_prompts": f"{len(reward_rows)} training rows, prompted with their {s3.reward_prompts} captions",
-            "reward_captions": f"{s3.reward_captions}: {len(train_distinct)} distinct among the training rows, "
+            "reward_captions": f"{s3.reward_captions}: {len(set(train_captions))} distinct among the training rows, "
             f"each contrasted with {'every other' if train_candidates is None else 'itself naming each body shape'}",
             "reward_target": f"{s3.reward_target} (steps {s3.reward_step_range[0]:g}-{s3.reward_step_range[1]:g})",
             "before": before,
