@@ -2,6 +2,9 @@
 
     python benchmarks/sampling_speed.py --model outputs/pokediff/pipeline --device cuda
     python benchmarks/sampling_speed.py --random-init --device cpu --num 8 --schedulers dpm
+    # the shipped model with pipe.optimize_for_cpu(torch.bfloat16), one sprite at a time
+    python benchmarks/sampling_speed.py --model pokediff/pretrained/pokediff-64 --device cpu --num 4 \
+        --batch-size 1 --schedulers dpm --repeats 5 --threads 2 --optimize-cpu bfloat16
 
 Per scheduler: images/s of ``pipe(...)`` for ``--num`` sprites (``--steps`` steps, guidance ``--guidance``), and of
 a bare loop over the same components (precomputed text embeddings, U-Net + scheduler step + VAE decode, no
@@ -88,12 +91,13 @@ def time_plain_loop(pipe, n, steps, guidance, batch_size, device) -> float:
         text = torch.cat([uncond[i : i + b], cond[i : i + b]])
         mask = torch.cat([uncond_mask[i : i + b], cond_mask[i : i + b]])
         shape = (b, unet.config.in_channels, pipe.latent_size, pipe.latent_size)
-        latents = torch.randn(shape, device=device, dtype=unet.dtype)
+        latents = torch.randn(shape, device=device)  # float32 whatever the U-Net's dtype, as in the pipeline
         scheduler.set_timesteps(steps, device=device)
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_uncond, eps_cond = unet(x, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample.chunk(2)
+            x = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(unet.dtype)
+            out = unet(x, t, encoder_hidden_states=text, encoder_attention_mask=mask, return_dict=False)[0]
+            eps_uncond, eps_cond = out.float().chunk(2)
             latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
         vae.decode(vae.unscale_latents(latents)).sample.clamp(-1, 1)
     _sync(device)
@@ -117,8 +121,14 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-cpu-latency", action="store_true", help="skip the single-sprite CPU latency")
     p.add_argument("--channels-last", action="store_true", help="U-Net and VAE in channels-last memory format")
-    p.add_argument(
+    speedup = p.add_mutually_exclusive_group()
+    speedup.add_argument(
         "--compile", action="store_true", help="torch.compile the U-Net and the VAE decoder (compile time reported)"
+    )
+    speedup.add_argument(
+        "--optimize-cpu",
+        choices=["float32", "bfloat16"],
+        help="pipe.optimize_for_cpu(dtype): the U-Net in this dtype, compiled with frozen weights (compile time reported)",
     )
     args = p.parse_args(argv)
     if args.guidance <= 1:
@@ -144,6 +154,14 @@ def main(argv=None) -> dict:
         time_pipeline(pipe, 1, 2, args.guidance, 1, device)
         time_pipeline(pipe, min(args.num, args.batch_size), 2, args.guidance, args.batch_size, device)
         compile_s = round(time.perf_counter() - start, 1)
+    if args.optimize_cpu:
+        if device.type != "cpu" or args.dtype != "float32":
+            p.error("--optimize-cpu needs --device cpu and --dtype float32 (it sets the U-Net's dtype itself)")
+        pipe.optimize_for_cpu(DTYPES[args.optimize_cpu])
+        start = time.perf_counter()  # the first calls compile, for batch 1 and batch --batch-size
+        time_pipeline(pipe, 1, 2, args.guidance, 1, device)
+        time_pipeline(pipe, min(args.num, args.batch_size), 2, args.guidance, args.batch_size, device)
+        compile_s = round(time.perf_counter() - start, 1)
 
     result = {
         "source": args.model or "random-init",
@@ -158,6 +176,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "channels_last": args.channels_last,
         "compiled": args.compile,
+        "optimize_for_cpu": args.optimize_cpu,
         "compile_s": compile_s,
         "repeats": args.repeats,
         "schedulers": {},

@@ -335,6 +335,27 @@ class PokeSpritePipeline(DiffusionPipeline):
     def num_timesteps(self):
         return self._num_timesteps
 
+    # -------------------------------------------------------------- speed
+    def optimize_for_cpu(self, dtype: torch.dtype = torch.bfloat16) -> "PokeSpritePipeline":
+        """Sample about twice as fast on a CPU: the U-Net in ``dtype`` (the latents and the guidance arithmetic stay
+        float32), compiled by inductor with its weights frozen into the graph and a C++ wrapper between kernels.
+
+        The first call for each batch size compiles (about a minute on 2 cores; inductor caches it on disk), so it
+        pays in a process that draws many sprites (the demo, a batch job), not in a one-off command. Needs a C++
+        compiler. The weights are frozen into the compiled graph: load the pipeline again to change them, and save
+        from a pipeline that was not optimized. Returns the pipeline.
+        """
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"optimize_for_cpu: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if self.device.type != "cpu":
+            raise ValueError(f"optimize_for_cpu: the pipeline is on {self.device}; it optimizes CPU sampling only")
+        if isinstance(self.unet, torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError("optimize_for_cpu: the U-Net is already compiled; load the pipeline again to redo it")
+        # nn.Module.to, not ModelMixin.to: the latter warns about float32-only modules this U-Net does not have
+        torch.nn.Module.to(self.unet, dtype=dtype)
+        self.unet = torch.compile(self.unet, dynamic=False, options={"freezing": True, "cpp_wrapper": True})
+        return self
+
     # -------------------------------------------------------------- inputs
     @staticmethod
     def _check_prompt(prompt, name: str) -> int:
@@ -408,15 +429,18 @@ class PokeSpritePipeline(DiffusionPipeline):
             )
 
     # -------------------------------------------------------------- text
-    def _tokenize(self, captions: list[str]):
-        """Pad/truncate to ``max_text_length`` tokens, as training does; warns when captions are cut."""
+    def _warn_if_cut(self, captions: list[str], what: str) -> None:
         max_length = self.config.max_text_length
         full = self.tokenizer(captions, padding=False, truncation=False)["input_ids"]
         cut = sum(len(ids) > max_length for ids in full)
         if cut:
             logger.warning(
-                "%d of %d captions are longer than %d tokens and were truncated", cut, len(captions), max_length
+                "%d of %d %s are longer than %d tokens and were truncated", cut, len(captions), what, max_length
             )
+
+    def _tokenize(self, captions: list[str]):
+        """Pad/truncate to ``max_text_length`` tokens, as training does."""
+        max_length = self.config.max_text_length
         return self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -446,17 +470,20 @@ class PokeSpritePipeline(DiffusionPipeline):
         unless ``negative_prompt`` is given; the negatives are None without guidance.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds, mask = self._embed(prompts, device, num_images_per_prompt)
+        self._warn_if_cut(prompts, "prompts")
         if not do_classifier_free_guidance:
-            return embeds, mask, None, None
+            return (*self._embed(prompts, device, num_images_per_prompt), None, None)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         else:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
-        negative_embeds, negative_mask = self._embed(negatives, device, num_images_per_prompt)
-        return embeds, mask, negative_embeds, negative_mask
+            self._warn_if_cut(negatives, "negative prompts")
+        # both sides of guidance in one text-encoder call: on 2 CPU cores 19 ms instead of 26 for one prompt
+        embeds, mask = self._embed(prompts + negatives, device, num_images_per_prompt)
+        split = len(prompts) * num_images_per_prompt
+        return embeds[:split], mask[:split], embeds[split:], mask[split:]
 
     # -------------------------------------------------------------- latents / decoding
     def prepare_latents(self, batch_size: int, dtype, device, generator, latents=None) -> torch.Tensor:
@@ -510,10 +537,10 @@ class PokeSpritePipeline(DiffusionPipeline):
                     text_mask = torch.cat([negative_mask, prompt_mask])
                 else:
                     model_input, text, text_mask = latents, prompt_embeds, prompt_mask
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
                 noise_pred = self.unet(
                     model_input, t, encoder_hidden_states=text, encoder_attention_mask=text_mask, return_dict=False
-                )[0]
+                )[0].to(latents.dtype)
                 if self.do_classifier_free_guidance:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + self.guidance_scale * (cond - uncond)
@@ -611,8 +638,9 @@ class PokeSpritePipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
 
-        # 5. Prepare latent variables
-        latents = self.prepare_latents(batch_size, prompt_embeds.dtype, device, generator, latents)
+        # 5. Prepare latent variables (float32 whatever the U-Net's precision: the sampler's state and the guidance
+        # arithmetic lose nothing, and a seed draws the same noise for a float32 and a bfloat16 U-Net)
+        latents = self.prepare_latents(batch_size, torch.float32, device, generator, latents)
 
         # 6. Prepare extra step kwargs
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)

@@ -128,6 +128,14 @@ def test_a_vanished_model_folder_is_an_error_and_the_others_keep_working(pipelin
     assert len(items) == 1
 
 
+def test_optimize_cpu_compiles_the_loaded_pipelines_unet(pipeline_dir):
+    demo_models = SpriteDemo([str(pipeline_dir)], device="cpu", optimize_cpu=True)
+    model = demo_models.default_model
+    model.load()  # compiling itself waits for the first sprite; test_pipeline checks what it draws
+    assert isinstance(model.pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert model.pipeline.unet.dtype == torch.bfloat16
+
+
 def test_an_unreachable_hub_id_is_a_page_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     demo_models = SpriteDemo(["someone/pokesprite"])

@@ -1,5 +1,6 @@
 """PokeSpritePipeline with tiny components: the properties diffusers' PipelineTesterMixin checks, plus ours."""
 
+import copy
 import json
 import logging
 import os
@@ -171,6 +172,32 @@ def test_callback_on_step_end(pipe):
     assert torch.count_nonzero(out) == 0  # the callback's latents were used
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         run(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+# ------------------------------------------------------------------------------ speed
+def test_a_bfloat16_unet_samples_with_float32_latents(pipe):
+    bf16 = with_components(pipe, unet=copy.deepcopy(pipe.unet).to(torch.bfloat16))
+    dtypes = []
+
+    def callback(p, step, timestep, kwargs):
+        dtypes.append(kwargs["latents"].dtype)
+        return {}
+
+    a = run(pipe, guidance_scale=4.0)
+    b = run(bf16, guidance_scale=4.0, callback_on_step_end=callback)
+    assert dtypes == [torch.float32] * STEPS  # the sampler's state stays float32
+    assert b.dtype == torch.float32 and 0 < (a - b).abs().mean() < 0.01  # bfloat16 rounding, nothing more
+
+
+def test_optimize_for_cpu_draws_what_the_float32_pipeline_draws(pipe):
+    fast = with_components(pipe, unet=copy.deepcopy(pipe.unet)).optimize_for_cpu()
+    assert isinstance(fast.unet, torch._dynamo.eval_frame.OptimizedModule) and fast.unet.dtype == torch.bfloat16
+    a, b = run(pipe, guidance_scale=4.0), run(fast, guidance_scale=4.0)
+    assert (a - b).abs().mean() < 0.01
+    with pytest.raises(ValueError, match="already compiled"):
+        fast.optimize_for_cpu()
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        with_components(pipe).optimize_for_cpu(torch.float16)
 
 
 # ------------------------------------------------------------------------------ RGBA
