@@ -26,7 +26,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2D
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import is_compiled_module, randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .fileio import check_file_whole, swap_into_place
@@ -349,7 +349,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             raise ValueError(f"optimize_for_cpu: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         if self.device.type != "cpu":
             raise ValueError(f"optimize_for_cpu: the pipeline is on {self.device}; it optimizes CPU sampling only")
-        if isinstance(self.unet, torch._dynamo.eval_frame.OptimizedModule):
+        if is_compiled_module(self.unet):
             raise ValueError("optimize_for_cpu: the U-Net is already compiled; load the pipeline again to redo it")
         # nn.Module.to, not ModelMixin.to: the latter warns about float32-only modules this U-Net does not have
         torch.nn.Module.to(self.unet, dtype=dtype)

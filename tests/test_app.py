@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 import gradio as gr
 import pytest
 import torch
+from diffusers.utils.torch_utils import is_compiled_module
 from PIL import Image
 from tiny import tiny_pipeline
 
@@ -132,7 +133,7 @@ def test_optimize_cpu_compiles_the_loaded_pipelines_unet(pipeline_dir):
     demo_models = SpriteDemo([str(pipeline_dir)], device="cpu", optimize_cpu=True)
     model = demo_models.default_model
     model.load()  # compiling itself waits for the first sprite; test_pipeline checks what it draws
-    assert isinstance(model.pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert is_compiled_module(model.pipeline.unet)
     assert model.pipeline.unet.dtype == torch.bfloat16
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import is_compiled_module
 from PIL import Image
 from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, tiny_pipeline, tiny_unet, tiny_vae
 
@@ -191,7 +192,7 @@ def test_a_bfloat16_unet_samples_with_float32_latents(pipe):
 
 def test_optimize_for_cpu_draws_what_the_float32_pipeline_draws(pipe):
     fast = with_components(pipe, unet=copy.deepcopy(pipe.unet)).optimize_for_cpu()
-    assert isinstance(fast.unet, torch._dynamo.eval_frame.OptimizedModule) and fast.unet.dtype == torch.bfloat16
+    assert is_compiled_module(fast.unet) and fast.unet.dtype == torch.bfloat16
     a, b = run(pipe, guidance_scale=4.0), run(fast, guidance_scale=4.0)
     assert (a - b).abs().mean() < 0.01
     with pytest.raises(ValueError, match="already compiled"):
