@@ -133,6 +133,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.guidance <= 1:
         p.error("--guidance must be > 1: the benchmark measures classifier-free guidance")
+    if args.optimize_cpu and (torch.device(args.device).type != "cpu" or args.dtype != "float32"):
+        p.error("--optimize-cpu needs --device cpu and --dtype float32 (it sets the U-Net's dtype itself)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,14 +152,9 @@ def main(argv=None) -> dict:
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
-        start = time.perf_counter()  # the first calls compile, for batch 1 and batch --batch-size
-        time_pipeline(pipe, 1, 2, args.guidance, 1, device)
-        time_pipeline(pipe, min(args.num, args.batch_size), 2, args.guidance, args.batch_size, device)
-        compile_s = round(time.perf_counter() - start, 1)
-    if args.optimize_cpu:
-        if device.type != "cpu" or args.dtype != "float32":
-            p.error("--optimize-cpu needs --device cpu and --dtype float32 (it sets the U-Net's dtype itself)")
+    elif args.optimize_cpu:
         pipe.optimize_for_cpu(DTYPES[args.optimize_cpu])
+    if args.compile or args.optimize_cpu:
         start = time.perf_counter()  # the first calls compile, for batch 1 and batch --batch-size
         time_pipeline(pipe, 1, 2, args.guidance, 1, device)
         time_pipeline(pipe, min(args.num, args.batch_size), 2, args.guidance, args.batch_size, device)
