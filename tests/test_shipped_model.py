@@ -52,6 +52,22 @@ def test_the_shipped_folder_holds_the_pipeline_only_and_is_small():
     assert folder_size(folder) <= SIZE_LIMIT_BYTES
 
 
+def test_the_shipped_code_is_the_installed_code():
+    # the folder carries the pipeline's code for diffusers-only loading (trust_remote_code): byte copies of the
+    # package's modules, as save_pretrained writes them, so an edit to the package must be copied in too
+    import pokediff.models.vae
+    import pokediff.pipeline
+
+    folder, package = SHIPPED_DIR / "pokediff-64", Path(pokediff.pipeline.__file__).parent
+    copies = {
+        "pipeline_pokesprite.py": package / "pipeline.py",
+        "vae/sprite_vae.py": Path(pokediff.models.vae.__file__),
+    }
+    copies.update({name: package / name for name in pokediff.pipeline.HELPER_FILES})
+    stale = [name for name, source in copies.items() if (folder / name).read_bytes() != source.read_bytes()]
+    assert not stale, f"re-copy {stale} from the package into {folder}"
+
+
 def test_generate_and_the_demo_use_the_shipped_model_without_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert generate_cli.main(["a blue water type turtle", "--num", "1", "--steps", "2", "--out", "s.png"]) == 0
