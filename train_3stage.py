@@ -232,10 +232,16 @@ def main(argv=None, accelerator=None) -> dict:
         if "3" in stages and _stopped_early(run, 2):
             logger.warning("stage 2 stopped at stage2.max_minutes: stage 3 waits for it (--resume latest)")
             stages = stages[: stages.index("3")]
-    if "3" in stages:
+    if "3" in stages and cfg.stage3.method == "shape_guidance":
+        from pokediff.training.stage3_shape import train_shape_guidance
+
+        # minutes of fitting, no checkpoints: --resume refits
+        outputs["pipeline"] = train_shape_guidance(cfg, vae_path, unet_path, accelerator)
+    elif "3" in stages:
         from pokediff.training.stage3_reward import train_stage3
 
         outputs["pipeline"] = train_stage3(cfg, vae_path, unet_path, accelerator, resume=resume_for["3"])
+    if "3" in stages:
         if accelerator.is_main_process:
             from pokediff.training.stage3_gate import gate_stage3
 

@@ -229,8 +229,13 @@ class ClipConfig:
 
 @dataclass
 class Stage3Config:
-    # reward fine-tuning of the U-Net's text cross-attention (keys and values) through the sampler: ReFL / DRaFT+
-    # (pokediff/training/stage3_reward.py)
+    # "reward": reward fine-tuning of the U-Net's text cross-attention (keys and values) through the sampler, ReFL /
+    # DRaFT+ (pokediff/training/stage3_reward.py); "shape_guidance": fit a body-shape classifier that the pipeline
+    # guides each sample with towards the shape its prompt names (pokediff/training/stage3_shape.py). The gate
+    # below judges either.
+    method: str = "reward"
+    shape_guidance_scale: float = 40.0  # shape_guidance: the step on the clean-latent estimate per unit of gradient
+    shape_classifier_epochs: int = 80  # shape_guidance: passes over the training sprites (~2 min on 2 cores)
     epochs: int = 1  # passes over the reward prompts (the training captions the gate does not judge on)
     batch_size: int = 8  # prompts per update: each is sampled to a random step, then one U-Net call with gradients
     learning_rate: float = 5e-5
@@ -670,6 +675,9 @@ def _check_stages(c: ConfigChecker) -> None:
     c.choice("stage3.reward_target", ("step", "final"))
     c.choice("stage3.reward_prompts", ("reward", "dataset"))
     c.choice("stage3.reward_negatives", ("captions", "shape"))
+    c.choice("stage3.method", ("reward", "shape_guidance"))
+    c.positive("stage3.shape_guidance_scale")
+    c.ints_at_least(1, "stage3.shape_classifier_epochs")
     if c.value("stage3.reward_negatives") == "shape" and c.value("stage3.reward_captions") != "visual":
         c.fail("stage3.reward_negatives", "shape", "needs stage3.reward_captions=visual (captions that name a shape)")
     c.positive("stage3.max_minutes", optional=True)

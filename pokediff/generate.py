@@ -49,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the first sprite; sprite k uses seed+k")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, >= 1 (default 4)")
+    p.add_argument(
+        "--shape-guidance",
+        type=float,
+        default=None,
+        help="shape guidance scale, >= 0 (0 = off; default: the model's own, 30 for the shipped model): pulls each "
+        "sprite towards the body shape its prompt names ('with wings', 'four-legged', 'a snake'...)",
+    )
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty caption in guidance)")
     p.add_argument(
         "--scheduler",
@@ -71,6 +78,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     for name, value in (("--num", args.num), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.shape_guidance is not None and not args.shape_guidance >= 0:  # before the model loads
+        raise ValueError(f"--shape-guidance must be >= 0 (0 = off), got {args.shape_guidance}")
     last_seed = MAX_SEED - (args.num - 1)
     if not 0 <= args.seed <= last_seed:
         # sprite k uses seed + k, and torch seeds are unsigned 64-bit integers
@@ -97,6 +106,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk],
             rgba=args.rgba,
             output_type="pil",
+            shape_guidance_scale=args.shape_guidance,
         )
         images.extend(result.images)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pokediff.fileio import write_text_atomic
-from pokediff.pipeline import PIPELINE_COMPONENTS, check_pipeline_folder
+from pokediff.pipeline import OPTIONAL_COMPONENTS, PIPELINE_COMPONENTS, check_pipeline_folder
 
 EXAMPLE_PROMPTS = [
     "a small green grass type creature with a bulb on its back",
@@ -130,7 +130,7 @@ def _latent_geometry(vae_config: dict) -> str:
 
 def _component_rows(folder: Path) -> list[str]:
     rows = []
-    for name in PIPELINE_COMPONENTS:
+    for name in PIPELINE_COMPONENTS + OPTIONAL_COMPONENTS:
         cfg = _read_config(folder, name)
         if not cfg:
             continue
@@ -150,6 +150,8 @@ def _component_rows(folder: Path) -> list[str]:
             detail = f"hidden size {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers"
         elif name == "scheduler":
             detail = f"prediction_type {cfg.get('prediction_type')}, beta_schedule {cfg.get('beta_schedule')}"
+        elif name == "shape_classifier":
+            detail = f"body-shape groups {', '.join(cfg.get('groups') or [])}; guides sampling (shape guidance)"
         rows.append(f"| `{name}` | {cls} | {detail} |")
     return rows
 
@@ -169,7 +171,9 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
         return f"Stage {stage}: ran for these weights" + (f", {steps} optimizer steps." if steps is not None else ".")
 
     index = Path(folder) / "model_index.json"
-    by_name = json.loads(index.read_text()).get("text_encoder_name") if index.is_file() else None
+    index = json.loads(index.read_text()) if index.is_file() else {}
+    by_name = index.get("text_encoder_name")
+    shape_guided = (index.get("shape_classifier") or [None])[0] is not None
     text_class = (_read_config(folder, "text_encoder").get("architectures") or ["text encoder"])[0]
     lines = [
         f"1. **VAE** (`vae/`): KL autoencoder, {_latent_geometry(_read_config(folder, 'vae'))}; L1 + perceptual + "
@@ -184,7 +188,14 @@ def _stage_lines(folder: Path, stages: dict[int, int | None] | None) -> str:
         else f"**Text encoder** (`text_encoder/`): the pretrained {text_class}"
     )
     lines.append(f"3. {encoder}, frozen in every stage.")
-    if 3 in stages:
+    if 3 in stages and shape_guided:
+        lines.append(
+            "4. **Stage 3** (`shape_classifier/`): shape guidance. A small CNN fitted on the training sprites' body "
+            "shapes; while sampling, for a prompt that names a body shape, the pipeline moves each early step's "
+            f"clean-latent estimate up its gradient (scale {index.get('shape_guidance_scale', 0):g}). The U-Net is "
+            f"stage 2's; kept because independent judges said it helped. {status(3)}"
+        )
+    elif 3 in stages:
         lines.append(
             "4. **Stage 3** (`unet/` again): the keys and values of the U-Net's text cross-attention fine-tuned by "
             "reward through the sampler (a CLIP's preference for each sample's own caption), anchored to stage 2 "

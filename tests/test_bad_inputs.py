@@ -340,6 +340,8 @@ def pipeline_dir(tmp_path_factory):
         ),
         (["--seed", str(2**64 - 1), "--num", "2"], f"--seed must be in 0..{2**64 - 2} with --num 2"),
         (["--seed", "-1"], "--seed must be in 0.."),
+        (["--shape-guidance", "-1"], "--shape-guidance must be >= 0 (0 = off), got -1.0"),
+        (["--shape-guidance", "nan"], "--shape-guidance must be >= 0 (0 = off), got nan"),
         (["--out", "{tmp}/afile/x.png"], "--out {tmp}/afile/x.png: {tmp}/afile is a file, not a folder"),
         (["--out", "{tmp}/adir"], "--out must be a .png path"),
         (["--out", "{tmp}/adir.png"], "--out {tmp}/adir.png is a folder; give a file path"),

@@ -55,6 +55,7 @@ def test_the_shipped_folder_holds_the_pipeline_only_and_is_small():
 def test_the_shipped_code_is_the_installed_code():
     # the folder carries the pipeline's code for diffusers-only loading (trust_remote_code): byte copies of the
     # package's modules, as save_pretrained writes them, so an edit to the package must be copied in too
+    import pokediff.models.shape_classifier
     import pokediff.models.vae
     import pokediff.pipeline
 
@@ -62,6 +63,7 @@ def test_the_shipped_code_is_the_installed_code():
     copies = {
         "pipeline_pokesprite.py": package / "pipeline.py",
         "vae/sprite_vae.py": Path(pokediff.models.vae.__file__),
+        "shape_classifier/sprite_shape_classifier.py": Path(pokediff.models.shape_classifier.__file__),
     }
     copies.update({name: package / name for name in pokediff.pipeline.HELPER_FILES})
     stale = [name for name, source in copies.items() if (folder / name).read_bytes() != source.read_bytes()]

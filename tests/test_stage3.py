@@ -501,3 +501,41 @@ def test_shape_negatives_contrast_each_caption_with_itself_naming_other_shapes(t
     torch.testing.assert_close(got, expected)
     everything = contrastive_reward(Scorer(), images, features, torch.tensor([5, 0]))
     torch.testing.assert_close(everything, logits.log_softmax(-1)[[0, 1], [5, 0]])
+
+
+def test_shape_guidance_fits_a_classifier_saves_it_and_the_gate_judges_it(
+    stage12, tiny_data_root, tmp_path, monkeypatch
+):
+    from pokediff.models.shape_classifier import SpriteShapeClassifier
+    from pokediff.training import stage3_gate
+    from pokediff.training.stage3_shape import CLASSIFIER_DIRNAME, train_shape_guidance
+
+    root, text = stage12
+    cfg = make_cfg(
+        tiny_data_root, text, tmp_path / "out", **{"stage3.method": "shape_guidance",
+        "stage3.shape_classifier_epochs": 2, "stage3.shape_guidance_scale": 25.0, "stage3.gate_samples": 6},
+    )  # fmt: skip
+    pipeline_dir = train_shape_guidance(cfg, root / "vae", root / "unet")
+    run = pipeline_dir.parent
+    report = json.loads((run / "stage3_metrics.json").read_text())
+    assert report["method"] == "shape_guidance" and report["shape_guidance_scale"] == 25.0
+    assert 0 <= report["shape_classifier"]["val_accuracy"] <= 1 and report["shape_classifier"]["epochs"] == 2
+    assert_same(weights(pipeline_dir / "unet"), weights(root / "unet"))  # the U-Net is stage 2's
+    pipe = PokeSpritePipeline.from_pretrained(str(pipeline_dir))
+    assert isinstance(pipe.shape_classifier, SpriteShapeClassifier) and pipe.config.shape_guidance_scale == 25.0
+    assert "shape guidance, scale 25" in (pipeline_dir / "README.md").read_text()
+
+    seen = []
+
+    def rejected(s2, s3, limit, alpha):
+        seen.append((s2, s3))
+        return "stage2", "rejected (test)", {}
+
+    monkeypatch.setattr(stage3_gate, "decide", rejected)
+    verdict = stage3_gate.gate_stage3(cfg, run, "cpu")
+    ((s2, s3),) = seen
+    assert len(s2["hits"]["shape"]) == len(s3["hits"]["shape"]) == 6 and verdict["kept"] == "stage2"
+    kept = PokeSpritePipeline.from_pretrained(str(pipeline_dir))  # rejected: saved without the classifier
+    assert kept.shape_classifier is None and kept.config.shape_guidance_scale == 0.0
+    assert (run / CLASSIFIER_DIRNAME).is_dir()  # kept for inspection
+    assert "Stage 3: ran for these weights" not in (pipeline_dir / "README.md").read_text()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,75 +33,17 @@ import torch
 from PIL import Image
 from scipy import ndimage, optimize
 
+from pokediff.models.shape_classifier import (  # noqa: F401 - the groups and prompt rules, re-exported
+    GROUP_OF_SHAPE,
+    SHAPE_GROUP_NAMES,
+    SHAPE_GROUPS,
+    shape_group,
+    shape_in_text,
+)
+
 from .color import _as_array, sprite_mask
 
 logger = logging.getLogger(__name__)
-
-# PokéAPI shape -> group; the order of the groups is the judge's class order
-SHAPE_GROUPS: dict[str, tuple[str, ...]] = {
-    "four-legged": ("quadruped",),
-    "two-legged": ("upright", "humanoid", "legs"),  # legs = a head on legs (Doduo, Torchic, Exeggutor)
-    "winged": ("wings", "bug-wings"),
-    "serpentine": ("fish", "squiggle", "tentacles"),
-    "round": ("ball", "blob", "heads", "armor", "arms"),  # arms = a head with arms and no legs (Geodude, Gastly)
-}
-SHAPE_GROUP_NAMES = tuple(SHAPE_GROUPS)
-GROUP_OF_SHAPE = {shape: group for group, shapes in SHAPE_GROUPS.items() for shape in shapes}
-
-# the shape phrases of the bundled captions (`text`) and of pokediff.data.captions.SHAPE_PHRASES: a caption that
-# has one names its sprite's shape, whatever else its Pokédex entry says about wings or legs
-_CAPTION_PHRASES = {
-    "with a four-legged body": "quadruped",
-    "that stands upright on two legs": "upright",
-    "standing upright on two legs": "upright",
-    "with a humanoid, two-legged body": "humanoid",
-    "with a humanoid body": "humanoid",
-    "made of a head and legs": "legs",
-    "with many legs": "legs",  # SHAPE_PHRASES' words for PokéAPI's "legs" (matched after "tentacles or many legs")
-    "with a single pair of wings": "wings",
-    "with two or more pairs of wings": "bug-wings",
-    "with insect wings": "bug-wings",
-    "with wings": "wings",
-    "with a fish-like body": "fish",
-    "with a long serpentine body": "squiggle",
-    "with tentacles": "tentacles",
-    "with a ball-shaped body": "ball",
-    "with a round body": "ball",
-    "with a blob-like body": "blob",
-    "made of multiple bodies": "heads",
-    "with several heads": "heads",
-    "with an armored": "armor",
-    "made of a head and arms": "arms",
-    "with arms and no legs": "arms",
-}
-_CAPTION_RE = re.compile("|".join(re.escape(p) for p in sorted(_CAPTION_PHRASES, key=len, reverse=True)), re.IGNORECASE)
-# words a user types, most specific first: "a winged horse" is winged, "a snake" has no legs
-_FREEFORM_WORDS = (
-    ("winged", r"wings?|winged|birds?|butterfl(?:y|ies)|moth|bat"),
-    ("serpentine", r"fish|fins?|finned|serpent(?:ine)?|snakes?|eels?|worms?|tentacles?|jellyfish|octopus|squid"),
-    ("four-legged", r"four[- ]legged|four legs|quadruped(?:al)?|on all fours"),
-    ("two-legged", r"two[- ]legged|two legs|bipedal|biped|upright|humanoid"),
-    ("round", r"round body|ball[- ]shaped|ball|blob(?:-like)?|spherical|orb"),
-)
-_FREEFORM_RES = tuple((group, re.compile(rf"\b(?:{words})\b", re.IGNORECASE)) for group, words in _FREEFORM_WORDS)
-
-
-def shape_group(shape) -> str | None:
-    """The group of a PokéAPI shape ("quadruped" -> "four-legged"), None for an empty or unknown one."""
-    return GROUP_OF_SHAPE.get(str(shape or "").strip().lower())
-
-
-def shape_in_text(text: str) -> str | None:
-    """The body-shape group a prompt names, or None: a caption's shape phrase ("with a four-legged body") first,
-    else the first group whose words appear ("a blue bird with wings" -> "winged", "a snake" -> "serpentine")."""
-    text = text or ""
-    match = _CAPTION_RE.search(text)
-    if match:
-        return GROUP_OF_SHAPE[_CAPTION_PHRASES[match.group(0).lower()]]
-    for group, pattern in _FREEFORM_RES:
-        if pattern.search(text):
-            return group
-    return None
 
 
 def target_shape(row: dict, caption: str) -> str | None:

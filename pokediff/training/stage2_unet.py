@@ -223,9 +223,13 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged: bool = False):
+def assemble_pipeline(
+    cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged: bool = False, shape_classifier=None,
+    shape_guidance_scale: float = 0.0,
+):  # fmt: skip
     """A ``PokeSpritePipeline`` of the run's parts. ``text_encoder_unchanged``: it is ``cfg.text_encoder.name``
-    as published (stage 2 never trains it), so a hub id is saved as its name, not as a copy."""
+    as published (stage 2 never trains it), so a hub id is saved as its name, not as a copy. ``shape_classifier``
+    and ``shape_guidance_scale``: shape guidance (stage 3's ``shape_guidance`` method)."""
     name = cfg.text_encoder.name
     by_name = text_encoder_unchanged and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~"))
     pipe = PokeSpritePipeline(
@@ -237,6 +241,8 @@ def assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unch
         max_text_length=cfg.data.max_text_length,
         background=list(cfg.data.background),
         text_encoder_name=name if by_name else None,
+        shape_classifier=shape_classifier,
+        shape_guidance_scale=shape_guidance_scale,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

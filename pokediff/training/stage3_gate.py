@@ -12,6 +12,9 @@ must reach ``stage3.gate_alpha``, so that a few samples' noise on a few hundred 
 captions it judges on are kept out of stage 3's reward. On rejection the pipeline's U-Net is put back to stage 2's;
 stage 3's stays in ``<run>/unet_stage3`` for inspection. The verdict and its reason go to ``stage3_metrics.json``,
 the log and the model card.
+
+Stage 3's ``shape_guidance`` method changes no weights: its two arms are the same pipeline sampled without and with
+shape guidance, and on rejection the pipeline is saved without the shape classifier.
 """
 
 from __future__ import annotations
@@ -146,18 +149,25 @@ def gate_stage3(cfg, run: Path, device) -> dict:
     from pokediff.eval.inception import load_feature_net
     from pokediff.eval.reference_stats import reference_features
     from pokediff.eval.shape import shape_judge_for
+    from pokediff.models.shape_classifier import SpriteShapeClassifier
     from pokediff.models.text import load_text_encoder
     from pokediff.models.vae import SpriteVAE
     from pokediff.training.stage2_unet import assemble_pipeline
     from pokediff.training.stage3_reward import METRICS_FILE, UNET_DIRNAME
+    from pokediff.training.stage3_shape import CLASSIFIER_DIRNAME
 
     metrics_path = run / METRICS_FILE
-    if not metrics_path.is_file() or not (run / UNET_DIRNAME).is_dir():
+    if not metrics_path.is_file() or not ((run / UNET_DIRNAME).is_dir() or (run / CLASSIFIER_DIRNAME).is_dir()):
         raise FileNotFoundError(
-            f"{run} has no finished stage 3 ({METRICS_FILE} and {UNET_DIRNAME}/): run stage 3 first"
+            f"{run} has no finished stage 3 ({METRICS_FILE} and {UNET_DIRNAME}/ or {CLASSIFIER_DIRNAME}/): run stage 3 "
+            "first"
         )
     report = json.loads(metrics_path.read_text())
-    unet_dirs = {"stage2": Path(report["inputs"]["unet"]), "stage3": run / UNET_DIRNAME}
+    shape_guided = report.get("method") == "shape_guidance"
+    if shape_guided:
+        unet_dirs = {"stage2": Path(report["inputs"]["unet"])}
+    else:
+        unet_dirs = {"stage2": Path(report["inputs"]["unet"]), "stage3": run / UNET_DIRNAME}
     pipeline_dir = run / "pipeline"
     if not cfg.stage3.gate_samples:
         verdict = {"kept": "stage3", "reason": "unjudged (stage3.gate_samples is 0)"}
@@ -174,13 +184,36 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         for arm, unet_dir in unet_dirs.items():
             unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
             pipes[arm] = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged=True)
-            batches = pipeline_batches(pipes[arm].to(device), judged.prompts, cfg.runtime.seed, cfg.stage3.batch_size)
+        # (arm, pipeline, call arguments): shape guidance draws with stage 2's pipeline, the classifier added
+        arms = [("stage2", pipes["stage2"], {})]
+        if shape_guided:
+            classifier = SpriteShapeClassifier.from_pretrained(str(run / CLASSIFIER_DIRNAME))
+            pipes["stage2"].register_modules(shape_classifier=classifier)
+            arms.append(("stage3", pipes["stage2"], {"shape_guidance_scale": report["shape_guidance_scale"]}))
+        else:
+            arms.append(("stage3", pipes["stage3"], {}))
+        for arm, pipe, call in arms:
+            batches = pipeline_batches(
+                pipe.to(device),
+                judged.prompts,
+                cfg.runtime.seed,
+                cfg.stage3.batch_size,
+                **{"shape_guidance_scale": 0.0, **call},
+            )
             images = torch.cat(list(batches))
             scores[arm] = judge_samples(images, judged, shape_judge, real, feature_net, list(cfg.data.background))
+        if shape_guided:
+            pipes["stage2"].register_modules(shape_classifier=None)
         s3 = cfg.stage3
         kept, reason, paired = decide(scores["stage2"], scores["stage3"], s3.gate_max_kid_increase, s3.gate_alpha)
         verdict = {
-            "judges": f"on {len(judged.prompts)} training captions kept out of the reward, same seeds for both: "
+            "judges": f"on {len(judged.prompts)} training captions "
+            + (
+                "(the shape classifier was fitted on every training sprite)"
+                if shape_guided
+                else "kept out of the reward"
+            )
+            + ", same seeds for both: "
             "colour agreement, body-shape balanced accuracy, KID vs the training sprites; gains and losses by an "
             f"exact sign test on per-sample hits at p <= {s3.gate_alpha:g}",
             "stage2": {k: v for k, v in scores["stage2"].items() if k != "hits"},

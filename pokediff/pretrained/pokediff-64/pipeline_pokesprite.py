@@ -39,6 +39,10 @@ DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_NUM_INFERENCE_STEPS = 25
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# a component a folder may have: the body-shape classifier of shape guidance (stage 3's method "shape_guidance")
+OPTIONAL_COMPONENTS = ("shape_classifier",)
+# shape guidance acts while the silhouette forms: on this first fraction of the sampler's steps
+SHAPE_GUIDANCE_END = 0.6
 
 # What a saved folder carries for `trust_remote_code` loading: this file (named by model_index.json's
 # `_class_name`), the modules it imports relatively, and each custom component's module in its subfolder.
@@ -54,7 +58,10 @@ SHIPPED_MODELS = {"pokediff/pokediff-64": "pokediff-64"}
 DEFAULT_MODEL = "pokediff/pokediff-64"
 SHIPPED_ROOT = Path(__file__).resolve().parent / "pretrained"
 # Shipped component module -> the installed module `PokeSpritePipeline.from_pretrained` loads the class from.
-INSTALLED_MODULES = {"sprite_vae": "pokediff.models.vae"}
+INSTALLED_MODULES = {
+    "sprite_vae": "pokediff.models.vae",
+    "sprite_shape_classifier": "pokediff.models.shape_classifier",
+}
 
 
 def shipped_model_path(name) -> Path | None:
@@ -96,10 +103,16 @@ class PokeSpritePipeline(DiffusionPipeline):
     ``text_encoder_name`` (a hub id, e.g. ``sentence-transformers/all-MiniLM-L6-v2``): the text encoder is that
     public model, unchanged. Without ``text_encoder`` / ``tokenizer`` it is loaded by name (packaged copy first),
     and ``save_pretrained`` writes the name instead of the weights while they still equal what was loaded.
+
+    ``shape_classifier`` (optional, :class:`~pokediff.models.shape_classifier.SpriteShapeClassifier`): shape
+    guidance. For a prompt that names a body shape ("a blue bird with wings", a caption's "with a four-legged
+    body"), each of the first ``SHAPE_GUIDANCE_END`` of the steps moves the sampler's clean-latent estimate up the
+    gradient of the classifier's log-probability of that shape (classifier guidance on the decoded estimate);
+    ``shape_guidance_scale`` (config: the default of ``__call__``'s argument) sets how far.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = list(REFERENCE_COMPONENTS)
+    _optional_components = [*REFERENCE_COMPONENTS, *OPTIONAL_COMPONENTS]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -113,6 +126,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         max_text_length: int = 32,
         background: list = (255, 255, 255),
         text_encoder_name: str | None = None,
+        shape_classifier: ModelMixin | None = None,
+        shape_guidance_scale: float = 0.0,
     ):
         super().__init__()
         if text_encoder is None or tokenizer is None:
@@ -134,9 +149,20 @@ class PokeSpritePipeline(DiffusionPipeline):
         model_max = getattr(tokenizer, "model_max_length", None)
         if int(max_text_length) < 2 or (model_max is not None and model_max < 100_000 and max_text_length > model_max):
             raise ValueError(f"max_text_length must be 2..{model_max} tokens for this tokenizer, got {max_text_length}")
-        self.register_modules(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self._check_shape_guidance_scale(shape_guidance_scale, shape_classifier)
+        self.register_modules(
+            vae=vae,
+            unet=unet,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            shape_classifier=shape_classifier,
+        )
         self.register_to_config(
-            max_text_length=int(max_text_length), background=background, text_encoder_name=text_encoder_name
+            max_text_length=int(max_text_length),
+            background=background,
+            text_encoder_name=text_encoder_name,
+            shape_guidance_scale=float(shape_guidance_scale),
         )
 
     def text_encoder_saved_by_name(self) -> bool:
@@ -283,8 +309,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         for name in HELPER_FILES:
             shutil.copyfile(here.parent / name, folder / name)
         index["_class_name"] = [PIPELINE_FILE, PokeSpritePipeline.__name__]
-        for name in PIPELINE_COMPONENTS:
-            library, class_name = index[name]
+        for name in PIPELINE_COMPONENTS + OPTIONAL_COMPONENTS:
+            library, class_name = index.get(name) or (None, None)
             if library is None or _is_library(library):
                 continue
             module = _module_file_name(class_name)
@@ -383,6 +409,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         rgba,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
+        shape_guidance_scale=0.0,
     ) -> None:
         num_prompts = self._check_prompt(prompt, "prompt")
         if negative_prompt is not None:
@@ -426,6 +453,17 @@ class PokeSpritePipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}"
+            )
+        self._check_shape_guidance_scale(shape_guidance_scale, self.shape_classifier)
+
+    @staticmethod
+    def _check_shape_guidance_scale(scale, shape_classifier) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+            raise ValueError(f"`shape_guidance_scale` must be a finite number >= 0 (0 = off), got {scale!r}")
+        if scale > 0 and shape_classifier is None:
+            raise ValueError(
+                f"`shape_guidance_scale`={scale:g} needs a shape_classifier, and this pipeline has none "
+                "(stage 3's shape_guidance method fits one)"
             )
 
     # -------------------------------------------------------------- text
@@ -502,6 +540,10 @@ class PokeSpritePipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode_latents(self, latents, prompt_embeds=None, prompt_mask=None) -> torch.Tensor:
         """Scaled latents -> RGB images (N, 3, H, W) in [0, 1]."""
+        return self._decode(latents, prompt_embeds, prompt_mask)
+
+    def _decode(self, latents, prompt_embeds=None, prompt_mask=None) -> torch.Tensor:
+        # decode_latents with gradients where the caller enables them (shape guidance)
         latents = self.vae.unscale_latents(latents)
         cross = self.vae.decoder_cross_attn is not None
         image = self.vae.decode(
@@ -516,6 +558,35 @@ class PokeSpritePipeline(DiffusionPipeline):
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
 
+    def guide_shape(self, latents, t, model_output, targets, scale: float, prompt_embeds=None, prompt_mask=None):
+        """``model_output`` moved so that its clean-latent estimate x0 becomes x0 + ``scale`` x the gradient of
+        the shape classifier's log-probability of each sample's ``targets`` group (-1: left as it is) on the
+        decoded x0. Classifier guidance on the estimate, with the U-Net's output held fixed: no backward pass
+        through the U-Net, one through the VAE decoder and the small classifier."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(latents.device)[t].float()
+        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
+            x0 = signal * latents - noise * model_output
+        elif prediction_type == "epsilon":
+            x0 = (latents - noise * model_output) / signal
+        elif prediction_type == "sample":
+            x0 = model_output
+        else:
+            raise ValueError(f"shape guidance does not support prediction_type {prediction_type!r}")
+        x0 = x0.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            images = self._decode(x0, prompt_embeds, prompt_mask)
+            log_prob = self.shape_classifier(images).float().log_softmax(dim=-1)
+            chosen = log_prob.gather(1, targets.clamp(min=0)[:, None].to(log_prob.device)).squeeze(1)
+            (gradient,) = torch.autograd.grad((chosen * (targets >= 0).to(chosen)).sum(), x0)
+        x0 = (x0 + scale * gradient).detach().to(model_output.dtype)
+        if prediction_type == "v_prediction":
+            return (signal * latents - x0) / noise
+        if prediction_type == "epsilon":
+            return (latents - signal * x0) / noise
+        return x0
+
     def denoise(
         self,
         latents,
@@ -527,8 +598,14 @@ class PokeSpritePipeline(DiffusionPipeline):
         extra_step_kwargs: dict,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
+        shape_targets: torch.Tensor | None = None,
+        shape_guidance_scale: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampling loop; returns the final latents and the (possibly callback-replaced) prompt embeddings."""
+        """The sampling loop; returns the final latents and the (possibly callback-replaced) prompt embeddings.
+        ``shape_targets``: (N,) the shape group each sample's prompt names (-1: none), for shape guidance."""
+        shape_steps = 0
+        if shape_targets is not None and shape_guidance_scale > 0 and bool((shape_targets >= 0).any()):
+            shape_steps = math.ceil(SHAPE_GUIDANCE_END * len(timesteps))
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.do_classifier_free_guidance:
@@ -544,6 +621,10 @@ class PokeSpritePipeline(DiffusionPipeline):
                 if self.do_classifier_free_guidance:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + self.guidance_scale * (cond - uncond)
+                if i < shape_steps:
+                    noise_pred = self.guide_shape(
+                        latents, t, noise_pred, shape_targets, shape_guidance_scale, prompt_embeds, prompt_mask
+                    )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -587,6 +668,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         rgba_tolerance: float = DEFAULT_RGBA_TOLERANCE,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        shape_guidance_scale: float | None = None,
     ):
         r"""Generate sprites.
 
@@ -602,6 +684,9 @@ class PokeSpritePipeline(DiffusionPipeline):
             rgba: add an alpha channel with the background colour keyed out (see ``postprocess.background_alpha``).
             rgba_tolerance: per-channel distance in [0, 1] still treated as background.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step.
+            shape_guidance_scale: how hard shape guidance pulls towards the body shape a prompt names (0 = off;
+                None = the folder's ``shape_guidance_scale``); needs a ``shape_classifier``. Prompts that name no
+                shape are sampled as without it.
 
         Returns:
             ``ImagePipelineOutput(images)`` (or a tuple if ``return_dict=False``).
@@ -610,6 +695,8 @@ class PokeSpritePipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs
+        if shape_guidance_scale is None:
+            shape_guidance_scale = self.config.get("shape_guidance_scale", 0.0)
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -621,6 +708,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             rgba,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            shape_guidance_scale,
         )
         self._guidance_scale = guidance_scale
 
@@ -642,8 +730,12 @@ class PokeSpritePipeline(DiffusionPipeline):
         # arithmetic lose nothing, and a seed draws the same noise for a float32 and a bfloat16 U-Net)
         latents = self.prepare_latents(batch_size, torch.float32, device, generator, latents)
 
-        # 6. Prepare extra step kwargs
+        # 6. Prepare extra step kwargs, and the body shape each prompt names for shape guidance
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
+        shape_targets = None
+        if shape_guidance_scale > 0:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            shape_targets = self.shape_classifier.target_indices(prompts).repeat_interleave(num_images_per_prompt)
 
         # 7. Denoising loop
         latents, prompt_embeds = self.denoise(
@@ -656,6 +748,8 @@ class PokeSpritePipeline(DiffusionPipeline):
             extra_step_kwargs,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            shape_targets,
+            shape_guidance_scale,
         )
 
         # 8. Decode and convert to the requested output
@@ -700,6 +794,12 @@ def check_pipeline_folder(path) -> dict:
         if not (path / name).is_dir():
             raise FileNotFoundError(f"pipeline folder {path} lacks the '{name}' component folder ({path / name})")
         if name in WEIGHTED_COMPONENTS:
+            _check_component_files(path / name)
+    for name in OPTIONAL_COMPONENTS:
+        entry = index.get(name)
+        if entry and entry[0] is not None:
+            if not (path / name).is_dir():
+                raise FileNotFoundError(f"pipeline folder {path} lacks the '{name}' component folder ({path / name})")
             _check_component_files(path / name)
     return index
 
