@@ -363,7 +363,7 @@ def test_gate_prompts_name_a_colour_or_a_shape_and_are_seeded(tiny_data_root, st
 
 
 def test_gate_balanced_accuracy_gives_nothing_for_always_answering_the_commonest_shape():
-    from pokediff.training.stage3_gate import balanced_accuracy
+    from pokediff.eval.shape import balanced_accuracy
 
     always_upright = {"upright": {"upright": 8}, "quadruped": {"upright": 2}}
     assert balanced_accuracy(always_upright) == pytest.approx(0.5)  # plain accuracy would say 0.8

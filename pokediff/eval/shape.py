@@ -287,6 +287,12 @@ def shape_agreement_from_predictions(predicted: Sequence[str | None], targets: S
     }
 
 
+def balanced_accuracy(confusion: dict) -> float | None:
+    """Mean over target groups of the share predicted right (from a ``{target: {predicted: count}}`` table)."""
+    recalls = [row.get(target, 0) / sum(row.values()) for target, row in confusion.items() if sum(row.values())]
+    return sum(recalls) / len(recalls) if recalls else None
+
+
 def shape_agreement(
     images, targets: Sequence[str | None], judge: ShapeJudge, background: Sequence[int] = (255, 255, 255)
 ) -> dict:

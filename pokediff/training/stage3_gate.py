@@ -29,7 +29,7 @@ import torch
 
 from pokediff.eval.color import agreement_from_predictions, dominant_color, target_color
 from pokediff.eval.sampling import pipeline_batches
-from pokediff.eval.shape import shape_agreement_from_predictions, target_shape
+from pokediff.eval.shape import balanced_accuracy, shape_agreement_from_predictions, target_shape
 from pokediff.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,6 @@ def gate_prompts(cfg, train_split, targets=None) -> GatePrompts:
     order = torch.randperm(len(named), generator=torch.Generator().manual_seed(cfg.runtime.seed)).tolist()
     chosen = sorted(named[i] for i in order[: cfg.stage3.gate_samples])
     return GatePrompts(chosen, [captions[i] for i in chosen], [colours[i] for i in chosen], [shapes[i] for i in chosen])
-
-
-def balanced_accuracy(confusion: dict) -> float | None:
-    """Mean over target groups of the share predicted right (from a ``{target: {predicted: count}}`` table)."""
-    recalls = [row.get(target, 0) / sum(row.values()) for target, row in confusion.items() if sum(row.values())]
-    return sum(recalls) / len(recalls) if recalls else None
 
 
 def hits(predicted, targets) -> list[bool | None]:
@@ -164,10 +158,6 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         )
     report = json.loads(metrics_path.read_text())
     shape_guided = report.get("method") == "shape_guidance"
-    if shape_guided:
-        unet_dirs = {"stage2": Path(report["inputs"]["unet"])}
-    else:
-        unet_dirs = {"stage2": Path(report["inputs"]["unet"]), "stage3": run / UNET_DIRNAME}
     pipeline_dir = run / "pipeline"
     if not cfg.stage3.gate_samples:
         verdict = {"kept": "stage3", "reason": "unjudged (stage3.gate_samples is 0)"}
@@ -180,30 +170,23 @@ def gate_stage3(cfg, run: Path, device) -> dict:
         real = reference_features(train, cfg.data, "train", feature_net, progress=False).features
         vae = SpriteVAE.from_pretrained(report["inputs"]["vae"])
         tokenizer, text_encoder = load_text_encoder(cfg.text_encoder.name)
-        pipes, scores = {}, {}
-        for arm, unet_dir in unet_dirs.items():
-            unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
-            pipes[arm] = assemble_pipeline(cfg, vae, unet, text_encoder, tokenizer, text_encoder_unchanged=True)
-        # (arm, pipeline, call arguments): shape guidance draws with stage 2's pipeline, the classifier added
-        arms = [("stage2", pipes["stage2"], {})]
-        if shape_guided:
+        parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_unchanged=True)
+        stage2_unet = UNet2DConditionModel.from_pretrained(report["inputs"]["unet"])
+        pipes = {"stage2": assemble_pipeline(cfg, unet=stage2_unet, **parts)}
+        if shape_guided:  # stage 2's U-Net drawing with shape guidance at the scale stage 3 chose
             classifier = SpriteShapeClassifier.from_pretrained(str(run / CLASSIFIER_DIRNAME))
-            pipes["stage2"].register_modules(shape_classifier=classifier)
-            arms.append(("stage3", pipes["stage2"], {"shape_guidance_scale": report["shape_guidance_scale"]}))
-        else:
-            arms.append(("stage3", pipes["stage3"], {}))
-        for arm, pipe, call in arms:
-            batches = pipeline_batches(
-                pipe.to(device),
-                judged.prompts,
-                cfg.runtime.seed,
-                cfg.stage3.batch_size,
-                **{"shape_guidance_scale": 0.0, **call},
+            scale = report["shape_guidance_scale"]
+            pipes["stage3"] = assemble_pipeline(
+                cfg, unet=stage2_unet, **parts, shape_classifier=classifier, shape_guidance_scale=scale
             )
+        else:
+            unet = UNet2DConditionModel.from_pretrained(str(run / UNET_DIRNAME))
+            pipes["stage3"] = assemble_pipeline(cfg, unet=unet, **parts)
+        scores = {}
+        for arm, pipe in pipes.items():
+            batches = pipeline_batches(pipe.to(device), judged.prompts, cfg.runtime.seed, cfg.stage3.batch_size)
             images = torch.cat(list(batches))
             scores[arm] = judge_samples(images, judged, shape_judge, real, feature_net, list(cfg.data.background))
-        if shape_guided:
-            pipes["stage2"].register_modules(shape_classifier=None)
         s3 = cfg.stage3
         kept, reason, paired = decide(scores["stage2"], scores["stage3"], s3.gate_max_kid_increase, s3.gate_alpha)
         verdict = {

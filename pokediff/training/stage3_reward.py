@@ -52,7 +52,7 @@ from pokediff.models.clip import (
 )
 from pokediff.models.text import load_text_encoder
 from pokediff.models.vae import SpriteVAE
-from pokediff.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+from pokediff.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, clean_latent_estimate
 from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler
 from pokediff.training.checkpoints import CheckpointManager, atomic_save_pretrained
 from pokediff.training.loop import run_epochs, start_training
@@ -94,15 +94,9 @@ def check_stage_weights(path, what: str, flag: str) -> Path:
 
 
 def predict_x0(noise_scheduler, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor):
-    """The clean-latent estimate implied by the U-Net output at ``timesteps`` (epsilon or v prediction)."""
+    """The clean-latent estimate implied by the U-Net output at ``timesteps`` (one per sample)."""
     alpha_bar = noise_scheduler.alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
-    sqrt_a, sqrt_1ma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return (noisy - sqrt_1ma * model_output) / sqrt_a
-    if prediction_type == "v_prediction":
-        return sqrt_a * noisy - sqrt_1ma * model_output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return clean_latent_estimate(noisy, model_output, alpha_bar, noise_scheduler.config.prediction_type)
 
 
 def decode(vae, latents_scaled, embeds=None, mask=None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from pokediff.config import ConfigError
 from pokediff.data import load_splits
 from pokediff.eval.reference_stats import real_image_batches
-from pokediff.eval.shape import target_shape
+from pokediff.eval.shape import balanced_accuracy, shape_agreement_from_predictions, target_shape
 from pokediff.fileio import write_text_atomic
 from pokediff.hub import write_model_card
 from pokediff.models.shape_classifier import SHAPE_GROUP_NAMES, SpriteShapeClassifier
@@ -54,14 +55,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # sample 1 - image with zero padding: what comes in from outside the frame is background white
     return 1 - F.grid_sample(1 - images, grid, align_corners=False, padding_mode="zeros")
-
-
-def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over the groups present in ``labels`` of the share predicted right."""
-    present = labels.unique()
-    return float(
-        sum(((predicted == labels) & (labels == k)).sum() / (labels == k).sum() for k in present) / len(present)
-    )
 
 
 def fit_shape_classifier(
@@ -101,17 +94,21 @@ def fit_shape_classifier(
             optimizer.step()
             losses.append(loss.item())
     model.eval()
+    steps_per_epoch = math.ceil(len(train_labels) / batch_size)
     with torch.no_grad():
         predicted = torch.cat([model(val_images[i : i + 64]).argmax(1) for i in range(0, len(val_images), 64)])
     commonest = int(counts.argmax())
     metrics = {
         "val_accuracy": float((predicted == val_labels).float().mean()),
-        "val_balanced_accuracy": balanced_accuracy(predicted, val_labels),
+        "val_balanced_accuracy": balanced_accuracy(
+            shape_agreement_from_predictions(
+                [SHAPE_GROUP_NAMES[i] for i in predicted], [SHAPE_GROUP_NAMES[i] for i in val_labels]
+            )["confusion"]
+        ),
         "val_majority_accuracy": float((val_labels == commonest).float().mean()),
         "val_n": len(val_labels),
         "train_n": len(train_labels),
-        "train_loss_last_epoch": sum(losses[-len(range(0, len(train_labels), batch_size)) :])
-        / len(range(0, len(train_labels), batch_size)),
+        "train_loss_last_epoch": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
         "epochs": epochs,
     }
     return model, metrics

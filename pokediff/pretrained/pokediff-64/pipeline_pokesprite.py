@@ -64,6 +64,31 @@ INSTALLED_MODULES = {
 }
 
 
+def clean_latent_estimate(sample, model_output, alpha_bar, prediction_type: str):
+    """The clean latent x0 a model output implies for ``sample`` at cumulative signal ``alpha_bar`` (a number or a
+    tensor broadcasting against ``sample``), for epsilon, v or sample prediction."""
+    signal, noise = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if prediction_type == "v_prediction":
+        return signal * sample - noise * model_output
+    if prediction_type == "epsilon":
+        return (sample - noise * model_output) / signal
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def model_output_for(sample, x0, alpha_bar, prediction_type: str):
+    """The model output that implies clean latent ``x0`` for ``sample``: the inverse of ``clean_latent_estimate``."""
+    signal, noise = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if prediction_type == "v_prediction":
+        return (signal * sample - x0) / noise
+    if prediction_type == "epsilon":
+        return (sample - signal * x0) / noise
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
 def shipped_model_path(name) -> Path | None:
     """The packaged folder of a shipped model's name (``pokediff/pokediff-64``), or None for any other name.
 
@@ -564,16 +589,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         decoded x0. Classifier guidance on the estimate, with the U-Net's output held fixed: no backward pass
         through the U-Net, one through the VAE decoder and the small classifier."""
         alpha_bar = self.scheduler.alphas_cumprod.to(latents.device)[t].float()
-        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         prediction_type = self.scheduler.config.prediction_type
-        if prediction_type == "v_prediction":
-            x0 = signal * latents - noise * model_output
-        elif prediction_type == "epsilon":
-            x0 = (latents - noise * model_output) / signal
-        elif prediction_type == "sample":
-            x0 = model_output
-        else:
-            raise ValueError(f"shape guidance does not support prediction_type {prediction_type!r}")
+        x0 = clean_latent_estimate(latents, model_output, alpha_bar, prediction_type)
         x0 = x0.detach().float().requires_grad_(True)
         with torch.enable_grad():
             images = self._decode(x0, prompt_embeds, prompt_mask)
@@ -581,11 +598,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             chosen = log_prob.gather(1, targets.clamp(min=0)[:, None].to(log_prob.device)).squeeze(1)
             (gradient,) = torch.autograd.grad((chosen * (targets >= 0).to(chosen)).sum(), x0)
         x0 = (x0 + scale * gradient).detach().to(model_output.dtype)
-        if prediction_type == "v_prediction":
-            return (signal * latents - x0) / noise
-        if prediction_type == "epsilon":
-            return (latents - signal * x0) / noise
-        return x0
+        return model_output_for(latents, x0, alpha_bar, prediction_type)
 
     def denoise(
         self,
