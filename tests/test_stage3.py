@@ -3,6 +3,7 @@ falls on a fixed batch, resume is exact, and the gate keeps stage 3's U-Net only
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -539,3 +540,29 @@ def test_shape_guidance_fits_a_classifier_saves_it_and_the_gate_judges_it(
     assert kept.shape_classifier is None and kept.config.shape_guidance_scale == 0.0
     assert (run / CLASSIFIER_DIRNAME).is_dir()  # kept for inspection
     assert "Stage 3: ran for these weights" not in (pipeline_dir / "README.md").read_text()
+
+
+def test_gate_benchmark_rejudges_a_shape_guidance_run_with_config_overrides(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pokediff.training import stage3_gate
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "stage3_gate.py"
+    spec = importlib.util.spec_from_file_location("stage3_gate_benchmark", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    (run / "config.yaml").write_text(f"base: {configs / 'tiny.yaml'}\n")
+    (run / "pipeline" / "model_index.json").write_text("{}")
+    (run / "stage3_metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="neither unet_stage3/ nor shape_classifier/"):
+        module.main([str(run)])
+
+    (run / "shape_classifier").mkdir()
+    (run / "shape_classifier" / "config.json").write_text("{}")  # a shape_guidance run has no unet_stage3/
+    seen = []
+    monkeypatch.setattr(stage3_gate, "gate_stage3", lambda cfg, run, device: seen.append(cfg) or {"kept": "stage2"})
+    verdict = module.main([str(run), "--set", "stage3.gate_samples=7"])
+    assert verdict["kept"] == "stage2" and seen[0].stage3.gate_samples == 7
