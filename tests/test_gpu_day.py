@@ -1,21 +1,17 @@
 """benchmarks/gpu_day.py --dry-run, reduced (tiny components, 2 steps per stage, 6 samples), then the samples it
 packed scored by `python -m pokediff.eval --samples`: the GPU day path end to end on a CPU."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from test_training import text_encoder_dir  # noqa: F401  (session fixture shared with test_training.py)
 from test_training_cli import tiny_args
+from tiny import load_benchmark
 from torch import nn
 
 from pokediff.eval import PixelFeatures, validate_result
 from pokediff.eval.__main__ import main as eval_main
 from pokediff.eval.samples import load_samples, read_run_info
-
-GPU_DAY = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_day.py"
 
 
 class MeanAbsDistance(nn.Module):
@@ -23,17 +19,9 @@ class MeanAbsDistance(nn.Module):
         return (x - y).abs().flatten(1).mean(dim=1)
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # three tiny training stages, sampling and both benchmarks: a minute or more on 2 busy cores
 def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_encoder_dir, tmp_path):
-    gpu_day = _load(GPU_DAY)
+    gpu_day = load_benchmark("gpu_day")
     out = tmp_path / "out"
     summary = gpu_day.main(
         [
@@ -128,7 +116,7 @@ def test_dry_run_end_to_end_then_scored_from_its_archives(tiny_data_root, text_e
 
 
 def test_each_training_stage_is_capped_by_its_share_of_the_lease(tmp_path):
-    gpu_day = _load(GPU_DAY)
+    gpu_day = load_benchmark("gpu_day")
     args = gpu_day.parse_args(["--out", str(tmp_path), "--budget-s", "600", "stage2.max_minutes=1.5"])
     caps = {o.split("=")[0]: float(o.split("=")[1]) for o in args.overrides if ".max_minutes=" in o}
     # stage 1 and 3 from their shares of 600 s; the explicit stage-2 cap wins over its share

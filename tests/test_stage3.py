@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_vae
+from tiny import load_benchmark, save_tiny_text_encoder, tiny_config_overrides, tiny_unet, tiny_vae
 
 from pokediff.config import ConfigError, load_config
 from pokediff.models import clip as clip_mod
@@ -543,21 +543,19 @@ def test_shape_guidance_fits_a_classifier_saves_it_and_the_gate_judges_it(
 
 
 def test_gate_benchmark_rejudges_a_shape_guidance_run_with_config_overrides(tmp_path, monkeypatch):
-    import importlib.util
-
     from pokediff.training import stage3_gate
 
-    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "stage3_gate.py"
-    spec = importlib.util.spec_from_file_location("stage3_gate_benchmark", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("stage3_gate")
     run = tmp_path / "run"
     (run / "pipeline").mkdir(parents=True)
     configs = Path(__file__).resolve().parent.parent / "configs"
     (run / "config.yaml").write_text(f"base: {configs / 'tiny.yaml'}\n")
     (run / "pipeline" / "model_index.json").write_text("{}")
     (run / "stage3_metrics.json").write_text("{}")
-    with pytest.raises(SystemExit, match="neither unet_stage3/ nor shape_classifier/"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: .* has no finished stage 3 \(stage3_metrics.json and unet_stage3/ or shape_classifier/\)",
+    ):
         module.main([str(run)])
 
     (run / "shape_classifier").mkdir()

@@ -1,30 +1,17 @@
 """benchmarks/train_throughput.py: each speed lever leaves the loss of a fixed batch where it was (CPU)."""
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY_UNET, TINY_VAE, save_tiny_text_encoder
+from tiny import TINY_UNET, TINY_VAE, load_benchmark, save_tiny_text_encoder
 
 from pokediff.config import load_config
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench_module():
-    return _load_benchmark()
+    return load_benchmark("train_throughput")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Sizes keep the real sprite geometry (215x215 images, 27x27 latents) and shrink o
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,17 @@ TINY_UNET = {
     "unet.cross_attention_dim": 16,
     "unet.norm_num_groups": 8,
 }
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package), registered in
+    ``sys.modules`` where dataclasses look their module up."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def minilm_tokenizer_dir() -> str:
