@@ -191,6 +191,10 @@ class Stage2Config:
     ema_decay: float = 0.999
     latent_clamp: float = 3.0
     cache_flips: bool = True
+    # augmentation beyond the mirror: this many extra copies of the cached sprites (and mirrors), each moved by a
+    # random whole-pixel offset of at most shift_pixels either way, encoded once (README, "Chunk 5")
+    cache_shifted_copies: int = 0
+    shift_pixels: int = 3
     max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues
     # warm start: a U-Net folder (or a pipeline folder) of the same architecture whose weights start this run,
     # with a fresh optimizer and schedule (how a later working period continues from committed weights)
@@ -651,6 +655,8 @@ def _check_stages(c: ConfigChecker) -> None:
     c.positive("stage2.huber_delta", "stage2.latent_clamp")
     c.positive("stage2.min_snr_gamma", optional=True)
     c.fraction("stage2.ema_decay", high_open=True)
+    c.ints_at_least(0, "stage2.cache_shifted_copies")
+    c.ints_at_least(1, "stage2.shift_pixels")
     prompts = c.value("stage2.sample_prompts")
     if not prompts or not all(isinstance(p, str) for p in prompts):
         c.fail("stage2.sample_prompts", prompts, "must be a non-empty list of prompts")

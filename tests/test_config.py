@@ -121,6 +121,8 @@ def test_resolved_config_round_trips(tmp_path):
         ),
         ("scheduler.guidance_scale=0.5", "scheduler.guidance_scale=0.5: must be a finite number >= 1"),
         ("stage2.ema_decay=1", "stage2.ema_decay=1.0: must be a number in [0, 1)"),
+        ("stage2.cache_shifted_copies=-1", "stage2.cache_shifted_copies=-1: must be an integer >= 0"),
+        ("stage2.shift_pixels=0", "stage2.shift_pixels=0: must be an integer >= 1"),
         ("unet.dropout=1", "unet.dropout=1.0: must be a number in [0, 1)"),
         ("data.background=[255, 255]", "data.background=[255, 255]: must be three integers in [0, 255] (R, G, B)"),
         (

@@ -1,6 +1,7 @@
 """The quality recipe's pieces: caption variants, their cache and sampling, jitter that spares the background."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from pokediff.config import load_config
 from pokediff.data import SpriteDataset, SpriteTransform, load_splits
 from pokediff.data.captions import SHAPE_PHRASES, body_description, caption_variants
 from pokediff.eval.color import color_in_text
-from pokediff.training.stage2_unet import LatentTextCache, encode_texts, log_latent_range
+from pokediff.training.stage2_unet import LatentTextCache, build_cache, encode_texts, log_latent_range, shift_images
 
 BULBASAUR = {
     "name": "Bulbasaur",
@@ -159,3 +160,47 @@ def test_encode_texts_warns_once_and_matches_one_at_a_time_encoding(caplog):
         alone, alone_mask = encode_texts(tokenizer, encoder, [caption], max_length=16, device="cpu")
         assert torch.equal(alone_mask[0], masks[i])
         torch.testing.assert_close(alone[0], embeds[i], atol=1e-5, rtol=1e-5)
+
+
+def test_shift_images_moves_each_image_and_fills_with_the_background():
+    images = torch.full((2, 3, 8, 8), 1.0)
+    images[:, :, 5, 5] = -1.0  # one dark pixel on white
+    images[1, :, 0, :] = 0.0  # a grey top row that a downward shift pushes in from the edge
+    moved = shift_images(images, torch.tensor([[2, -1], [1, 0]]), torch.ones(1, 3, 1, 1))
+    assert moved.shape == images.shape
+    assert (moved[0, :, 7, 4] == -1).all() and (moved[0] == -1).sum() == 3  # down 2, left 1
+    assert (moved[1, :, 6, 5] == -1).all() and (moved[1, :, 1, :] == 0).all()  # down 1: the grey row follows
+    assert (moved[1, :, 0, :] == 1).all()  # what came in from outside is background
+
+
+class _IdentityVAE:
+    """Encodes an image as itself (mean) with std 1, so the cache's rows can be compared with pixels."""
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels, std=torch.ones_like(pixels)))
+
+
+def test_cache_holds_mirrors_and_seeded_shifted_copies_in_sprite_order(tiny_data_root):
+    cfg = _cfg(tiny_data_root)
+    dataset = SpriteDataset(load_splits(cfg.data)["train"], cfg.data, train=False)
+    tokenizer, encoder = tiny_text_encoder()
+
+    def build(seed):
+        return build_cache(
+            _IdentityVAE(), tokenizer, encoder, dataset, 16, "cpu", flips=True, batch_size=3, shifted_copies=2,
+            shift_pixels=2, seed=seed,
+        )  # fmt: skip
+
+    cache = build(seed=0)
+    n = len(dataset)
+    assert len(cache) == n * 2 * 3 and cache.num_captions == n  # entry i is sprite i % n
+    plain = torch.stack([dataset[i]["pixel_values"] for i in range(n)])
+    versions = cache.mean.view(6, n, *plain.shape[1:])
+    assert torch.equal(versions[0], plain) and torch.equal(versions[1], plain.flip(-1))
+    white = torch.ones(1, 3, 1, 1)
+    offsets = [torch.tensor([[dy, dx]]) for dy in range(-2, 3) for dx in range(-2, 3)]
+    for block, source in ((2, plain), (3, plain.flip(-1)), (4, plain), (5, plain.flip(-1))):
+        for i in range(n):  # each copy is its own sprite (or mirror) moved by at most 2 pixels
+            assert any(torch.equal(versions[block, i], shift_images(source[i : i + 1], o, white)[0]) for o in offsets)
+    assert not torch.equal(versions[2], versions[4])  # two copies, two draws
+    assert torch.equal(build(seed=0).mean, cache.mean) and not torch.equal(build(seed=1).mean, cache.mean)

@@ -21,10 +21,10 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def stage_examples(cfg, n_train: int) -> dict[str, int]:
-    """Training examples per epoch of each stage: sprites (stage 1), cached latents with mirrors (stage 2), the
-    training captions the stage-3 gate does not judge on (stage 3's reward prompts; at most, when every caption
-    names a colour or a shape)."""
-    cached = n_train * (2 if cfg.stage2.cache_flips else 1)
+    """Training examples per epoch of each stage: sprites (stage 1), cached latents with mirrors and shifted copies
+    (stage 2), the training captions the stage-3 gate does not judge on (stage 3's reward prompts; at most, when
+    every caption names a colour or a shape)."""
+    cached = n_train * (2 if cfg.stage2.cache_flips else 1) * (1 + cfg.stage2.cache_shifted_copies)
     return {"1": n_train, "2": cached, "3": max(0, n_train - cfg.stage3.gate_samples)}
 
 
@@ -39,7 +39,7 @@ def check_data_fits(cfg, stages, num_processes: int = 1) -> dict:
     for stage, examples in stage_examples(cfg, n_train).items():
         batch = getattr(cfg, f"stage{stage}").batch_size
         if stage in stages and batch * num_processes > examples:
-            what = "sprites" if stage == "1" else f"cached latents ({n_train} sprites and their mirrors)"
+            what = "sprites" if stage == "1" else f"cached latents ({n_train} sprites, mirrors and shifted copies)"
             raise ConfigError(
                 f"stage{stage}.batch_size={batch} x {num_processes} process(es) is larger than the train split: "
                 f"{examples} {what} with {filters_text(cfg.data)}; use a batch of at most "

@@ -1,8 +1,9 @@
 """Stage 2: train the text-conditioned U-Net on cached VAE latents and text embeddings.
 
-The frozen VAE and text encoder run once, before training: every train sprite (and its mirror image) is cached
-as its posterior mean and std, and every caption as its embedding. Each step draws a fresh latent sample
-``mean + std * eps``, so the model still sees the VAE's posterior noise without paying for the encoder.
+The frozen VAE and text encoder run once, before training: every train sprite (its mirror image, and shifted
+copies if ``stage2.cache_shifted_copies`` asks) is cached as its posterior mean and std, and every caption as its
+embedding. Each step draws a fresh latent sample ``mean + std * eps``, so the model still sees the VAE's posterior
+noise without paying for the encoder.
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def encode_texts(tokenizer, text_encoder, captions: list[str], max_length: int, 
     return torch.cat(embeds), tokens["attention_mask"].to(device)
 
 
+def shift_images(images: torch.Tensor, offsets: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images, image i moved down by ``offsets[i, 0]`` and right by ``offsets[i, 1]`` whole pixels
+    (negative: up / left); what comes in from outside the frame is ``fill`` (broadcast to (1, C, 1, 1))."""
+    pad = int(offsets.abs().max()) if len(offsets) else 0
+    height, width = images.shape[-2:]
+    padded = F.pad(images - fill, (pad, pad, pad, pad)) + fill
+    return torch.stack(
+        [
+            padded[i, :, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+            for i, (dy, dx) in enumerate(offsets.tolist())
+        ]
+    )
+
+
 @torch.no_grad()
 def build_cache(
     vae,
@@ -101,22 +116,37 @@ def build_cache(
     batch_size: int = 32,
     desc: str = "caching latents",
     variants: bool = False,
+    shifted_copies: int = 0,
+    shift_pixels: int = 0,
+    background=(255, 255, 255),
+    seed: int = 0,
 ) -> LatentTextCache:
     """Encode ``dataset`` (un-augmented) once with the frozen VAE and text encoder; with ``variants``, every
-    caption variant of each sprite (``data.caption_variants``), else its dataset caption only."""
+    caption variant of each sprite (``data.caption_variants``), else its dataset caption only. ``flips`` adds
+    each sprite's mirror image; ``shifted_copies`` adds that many copies of the sprites (and mirrors), each moved
+    by a whole-pixel offset of at most ``shift_pixels`` either way (drawn with ``seed``), ``background`` (RGB)
+    filling in."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_sprites)
-    means, stds, flip_means, flip_stds = [], [], [], []
+    # one block of rows per version of the sprites, each in dataset order: entry i is sprite i % len(dataset)
+    versions = (2 if flips else 1) * (1 + shifted_copies)
+    blocks_mean, blocks_std = [[] for _ in range(versions)], [[] for _ in range(versions)]
+    generator = torch.Generator().manual_seed(seed)
+    fill = torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
     for batch in tqdm(loader, desc=desc, leave=False):
         pixels = batch["pixel_values"].to(device)
-        posterior = vae.encode(pixels).latent_dist
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
-        if flips:
-            # encode the mirrored image: the VAE is not exactly flip-equivariant, so flipping latents would not match
-            flipped = vae.encode(torch.flip(pixels, dims=[-1])).latent_dist
-            flip_means.append(flipped.mean.float())
-            flip_stds.append(flipped.std.float())
-    mean, std = torch.cat(means + flip_means), torch.cat(stds + flip_stds)
+        # the mirror is encoded, not flipped in latent space: the VAE is not exactly flip-equivariant
+        originals = [pixels, torch.flip(pixels, dims=[-1])] if flips else [pixels]
+        images = list(originals)
+        for _ in range(shifted_copies):
+            for original in originals:
+                offsets = torch.randint(-shift_pixels, shift_pixels + 1, (len(original), 2), generator=generator)
+                images.append(shift_images(original, offsets, fill.to(device)))
+        for block, image in enumerate(images):
+            posterior = vae.encode(image).latent_dist
+            blocks_mean[block].append(posterior.mean.float())
+            blocks_std[block].append(posterior.std.float())
+    mean = torch.cat([row for block in blocks_mean for row in block])
+    std = torch.cat([row for block in blocks_std for row in block])
     per_sprite = dataset.caption_variants if variants else [[c] for c in dataset.captions]
     flat = [caption for sprite in per_sprite for caption in sprite]
     embeddings, masks = encode_texts(tokenizer, text_encoder, flat, max_length, device)
@@ -403,6 +433,10 @@ def train_stage2(cfg, vae_path, accelerator=None, resume: Optional[str] = None) 
         device,
         flips=s2.cache_flips,
         variants=True,
+        shifted_copies=s2.cache_shifted_copies,
+        shift_pixels=s2.shift_pixels,
+        background=cfg.data.background,
+        seed=cfg.runtime.seed,
     )
     val_cache = build_cache(
         vae,
