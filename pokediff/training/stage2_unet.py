@@ -93,7 +93,7 @@ def encode_texts(tokenizer, text_encoder, captions: list[str], max_length: int, 
 def shift_images(images: torch.Tensor, offsets: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images, image i moved down by ``offsets[i, 0]`` and right by ``offsets[i, 1]`` whole pixels
     (negative: up / left); what comes in from outside the frame is ``fill`` (broadcast to (1, C, 1, 1))."""
-    pad = int(offsets.abs().max()) if len(offsets) else 0
+    pad = int(offsets.abs().max())
     height, width = images.shape[-2:]
     padded = F.pad(images - fill, (pad, pad, pad, pad)) + fill
     return torch.stack(
@@ -131,7 +131,7 @@ def build_cache(
     versions = (2 if flips else 1) * (1 + shifted_copies)
     blocks_mean, blocks_std = [[] for _ in range(versions)], [[] for _ in range(versions)]
     generator = torch.Generator().manual_seed(seed)
-    fill = torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    fill = (torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1).to(device)
     for batch in tqdm(loader, desc=desc, leave=False):
         pixels = batch["pixel_values"].to(device)
         # the mirror is encoded, not flipped in latent space: the VAE is not exactly flip-equivariant
@@ -140,7 +140,7 @@ def build_cache(
         for _ in range(shifted_copies):
             for original in originals:
                 offsets = torch.randint(-shift_pixels, shift_pixels + 1, (len(original), 2), generator=generator)
-                images.append(shift_images(original, offsets, fill.to(device)))
+                images.append(shift_images(original, offsets, fill))
         for block, image in enumerate(images):
             posterior = vae.encode(image).latent_dist
             blocks_mean[block].append(posterior.mean.float())
