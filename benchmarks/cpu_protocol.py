@@ -20,13 +20,22 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# val prompts x 4 samples each for the pairwise diversity; rows scored before 2026-12-05 (session 32) used 4 prompts,
+# which moved the figure by ~0.02 between sampling seeds, as much as the differences it was read for
+DIVERSITY_PROMPTS = 32
 
 
 def score(args) -> dict:
     from pokediff.eval.runner import EvalSettings, evaluate, save_grid
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"name": args.name, "model": str(args.model), "train_minutes": args.train_minutes, "machine": args.machine}
+    out = {
+        "name": args.name,
+        "model": str(args.model),
+        "train_minutes": args.train_minutes,
+        "machine": args.machine,
+        "diversity_prompts": DIVERSITY_PROMPTS,
+    }
     for split, num in (("train", args.train_num), ("val", None)):
         settings = EvalSettings(
             split=split,
@@ -36,6 +45,7 @@ def score(args) -> dict:
             memorization=split == "val",
             recon_num=64 if split == "val" else 0,
             diversity_samples=4 if split == "val" else 0,
+            diversity_prompts=DIVERSITY_PROMPTS,
             freeform_samples=2 if split == "val" else 0,
         )
         result, grid = evaluate(args.model, settings, device="cpu", progress=not args.quiet)
