@@ -192,7 +192,7 @@ class Stage2Config:
     latent_clamp: float = 3.0
     cache_flips: bool = True
     # augmentation beyond the mirror: this many extra copies of the cached sprites (and mirrors), each moved by a
-    # random whole-pixel offset of at most shift_pixels either way, encoded once (README, "Chunk 5")
+    # random whole-pixel offset of at most shift_pixels either way, encoded once (docs/experiments.md, "Chunk 5")
     cache_shifted_copies: int = 0
     shift_pixels: int = 3
     max_minutes: Optional[float] = None  # wall-time limit: stop, checkpoint and export; --resume latest continues

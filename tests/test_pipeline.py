@@ -275,6 +275,23 @@ def test_overlong_prompt_truncated_with_warning(pipe, caplog):
     assert torch.equal(run(pipe, long_prompt, output_type="latent"), run(pipe, other_tail, output_type="latent"))
 
 
+def test_batched_sampling_counts_cut_prompts_once(pipe, caplog):
+    from pokediff.eval.sampling import pipeline_batches
+
+    long_prompt = " ".join(["fire"] * (3 * TINY_MAX_TEXT_LENGTH))
+    prompts = [long_prompt, "water", long_prompt, "grass", long_prompt]
+    with caplog.at_level(logging.WARNING):
+        batches = list(pipeline_batches(pipe, prompts, seed=0, batch_size=2, num_inference_steps=1))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    cut_lines = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert cut_lines == [f"3 of 5 prompts are longer than {TINY_MAX_TEXT_LENGTH} tokens and were truncated"]
+    # the filter is gone afterwards: a direct call warns again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(pipe, long_prompt)
+    assert any("1 of 1 prompts are longer than" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

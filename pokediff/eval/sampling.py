@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -88,12 +89,29 @@ def pipeline_batches(
     **call_kwargs,
 ):
     """Batches (B, 3, H, W) in [0, 1] on the CPU from a text-to-image pipeline, one image per prompt; sample k is
-    drawn with seed + k whatever the batch size, so a subset or another batching gives the same images."""
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-        images = pipeline(chunk, generator=generators, output_type="pt", **call_kwargs).images
-        yield images.float().cpu()
+    drawn with seed + k whatever the batch size, so a subset or another batching gives the same images. Prompts
+    cut to the pipeline's token limit are counted once for the whole list, not once per batch."""
+    warn_if_cut = getattr(pipeline, "_warn_if_cut", None)
+    if warn_if_cut is not None:
+        warn_if_cut(list(prompts), "prompts")
+    pipeline_logger = logging.getLogger(type(pipeline).__module__)
+    quiet = _DropTruncationWarnings()
+    pipeline_logger.addFilter(quiet)
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+            chunk = prompts[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
+            images = pipeline(chunk, generator=generators, output_type="pt", **call_kwargs).images
+            yield images.float().cpu()
+    finally:
+        pipeline_logger.removeFilter(quiet)
+
+
+class _DropTruncationWarnings(logging.Filter):
+    """Drops the pipeline's per-call 'N of M prompts are longer than ...' lines (already counted for the list)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "are longer than" not in str(record.msg)
 
 
 def _generator_is_conditional(meta: dict) -> bool:
