@@ -24,6 +24,7 @@ from pokediff.eval import (
     reference_features,
 )
 from pokediff.eval.color import sprite_mask
+from pokediff.eval.diversity import iou_matrix, mean_pairwise_iou, silhouette_overlap
 
 
 def smooth_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -211,6 +212,38 @@ def test_pairwise_diversity_is_zero_for_copies_and_positive_otherwise():
     assert mean_pairwise_distance(varied, MeanAbsDistance(), batch_size=4) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         mean_pairwise_distance(varied[:1], MeanAbsDistance())
+
+
+def square_mask(x: int, y: int, side: int = 4, size: int = 12) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[y : y + side, x : x + side] = True
+    return mask
+
+
+def test_iou_matrix_values():
+    a, b = square_mask(0, 0), square_mask(2, 0)  # 16 pixels each, 8 shared
+    empty = np.zeros((12, 12), dtype=bool)
+    iou = iou_matrix(np.stack([a, b, square_mask(8, 8), empty, empty]))
+    assert iou[0, 0] == 1.0 and iou[0, 1] == pytest.approx(8 / 24) and iou[0, 2] == 0.0
+    assert iou[3, 4] == 1.0 and iou[0, 3] == 0.0  # two empty masks are alike; empty vs a sprite is not
+    assert mean_pairwise_iou(np.stack([a, b, a])) == pytest.approx((8 / 24 + 1 + 8 / 24) / 3)
+    with pytest.raises(ValueError, match="N >= 2"):
+        mean_pairwise_iou(a[None])
+
+
+def test_silhouette_overlap_tells_seed_from_prompt():
+    places = [(0, 0), (4, 0), (8, 8)]
+    # silhouette set by the seed: sample (prompt p, seed s) is the square at place s for every prompt
+    by_seed = np.stack([np.stack([square_mask(*places[s]) for s in range(3)]) for _ in range(2)])
+    overlap = silhouette_overlap(by_seed)
+    assert overlap["same_seed"] == 1.0 and overlap["same_prompt"] == pytest.approx(overlap["neither"])
+    assert overlap["neither"] < 0.1
+    # set by the prompt: the same square for all seeds of a prompt
+    by_prompt = np.stack([np.stack([square_mask(*places[p])] * 3) for p in range(2)])
+    overlap = silhouette_overlap(by_prompt)
+    assert overlap["same_prompt"] == 1.0 and overlap["same_seed"] == pytest.approx(overlap["neither"])
+    with pytest.raises(ValueError, match="S >= 2 seeds"):
+        silhouette_overlap(by_seed[:, :1])
 
 
 # ------------------------------------------------------------------------------------ reconstruction

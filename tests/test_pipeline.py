@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import is_compiled_module
 from PIL import Image
-from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, tiny_pipeline, tiny_unet, tiny_vae
+from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, load_benchmark, tiny_pipeline, tiny_unet, tiny_vae
 
 from pokediff.config import SchedulerConfig
 from pokediff.hub import build_model_card, write_model_card
@@ -273,6 +273,36 @@ def test_overlong_prompt_truncated_with_warning(pipe, caplog):
     # everything past the limit is dropped: a different tail gives the same image
     other_tail = " ".join(["fire"] * (2 * TINY_MAX_TEXT_LENGTH) + ["water"] * TINY_MAX_TEXT_LENGTH)
     assert torch.equal(run(pipe, long_prompt, output_type="latent"), run(pipe, other_tail, output_type="latent"))
+
+
+def test_batched_sampling_with_given_seeds(pipe):
+    from pokediff.eval.sampling import pipeline_batches
+
+    prompts = ["a red creature", "a red creature", "a red creature"]
+    default = torch.cat(list(pipeline_batches(pipe, prompts, seed=3, batch_size=2, num_inference_steps=1)))
+    given = torch.cat(list(pipeline_batches(pipe, prompts, 0, 2, seeds=[5, 3, 5], num_inference_steps=1)))
+    # seed 3 draws the same sprite whatever its place (to float rounding: the batches differ)
+    assert torch.allclose(given[1], default[0], atol=1e-5) and torch.allclose(given[0], given[2], atol=1e-5)
+    assert (given[0] - given[1]).abs().max() > 0.01
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        list(pipeline_batches(pipe, prompts, 0, 2, seeds=[1, 2]))
+
+
+def test_seed_silhouettes_benchmark(saved, tmp_path, capsys):
+    main = load_benchmark("seed_silhouettes").main
+    out_json, grid = tmp_path / "ss.json", tmp_path / "ss.png"
+    args = ["--model", str(saved), "--prompts", "2", "--seeds", "2", "--steps", "1"]
+    assert main([*args, "--json", str(out_json), "--grid", str(grid)]) == 0
+    summary = json.loads(out_json.read_text())
+    assert summary["prompts"] == 2 and summary["seeds"] == 2
+    for key in ("same_seed_iou", "same_prompt_iou", "neither_iou", "real_pairs_iou", "sample_fill", "real_fill"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert Image.open(grid).size == (3 * 215 + 4 * 2, 2 * 215 + 3 * 2)  # a real sprite and 2 seeds a row, 2 rows
+    capsys.readouterr()
+    assert main(["--model", str(saved), "--prompts", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --prompts must be between 2 and the val split's 136, got 1"
+    )
 
 
 def test_batched_sampling_counts_cut_prompts_once(pipe, caplog):

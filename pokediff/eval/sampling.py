@@ -86,11 +86,15 @@ def pipeline_batches(
     batch_size: int,
     progress: bool = False,
     desc: str = "sampling",
+    seeds: list[int] | None = None,
     **call_kwargs,
 ):
     """Batches (B, 3, H, W) in [0, 1] on the CPU from a text-to-image pipeline, one image per prompt; sample k is
-    drawn with seed + k whatever the batch size, so a subset or another batching gives the same images. Prompts
-    cut to the pipeline's token limit are counted once for the whole list, not once per batch."""
+    drawn with seed + k (or ``seeds[k]``) whatever the batch size, so a subset or another batching gives the same
+    images. Prompts cut to the pipeline's token limit are counted once for the whole list, not once per batch."""
+    seeds = [seed + k for k in range(len(prompts))] if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
     warn_if_cut = getattr(pipeline, "_warn_if_cut", None)
     if warn_if_cut is not None:
         warn_if_cut(list(prompts), "prompts")
@@ -100,7 +104,7 @@ def pipeline_batches(
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = prompts[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + batch_size]]
             images = pipeline(chunk, generator=generators, output_type="pt", **call_kwargs).images
             yield images.float().cpu()
     finally:
