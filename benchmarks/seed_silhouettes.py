@@ -3,7 +3,7 @@
 for every prompt").
 
     python benchmarks/seed_silhouettes.py [--model pokediff/pokediff-64] [--prompts 16] [--seeds 8]
-        [--steps N] [--shape-guidance S] [--json OUT.json] [--grid OUT.png]
+        [--steps N] [--guidance G] [--shape-guidance S] [--json OUT.json] [--grid OUT.png]
 
 Draws the first P val captions with S seeds each, seed s the same for every caption, and compares the samples'
 sprite masks (the colour judge's ``sprite_mask``) by intersection over union, pair by pair: samples that share the
@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's, 25)")
     parser.add_argument(
-        "--shape-guidance", type=float, default=None, help="shape guidance scale (default: the model's)"
+        "--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)"
     )
+    parser.add_argument("--shape-guidance", type=float, default=None, help="shape guidance (default: the model's)")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--grid", help="PNG: a row per caption, the real sprite first, then its seeds")
     args = parser.parse_args(argv)
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     call = {} if args.shape_guidance is None else {"shape_guidance_scale": args.shape_guidance}
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
     try:
         summary, samples, real = seed_silhouettes(args.model, args.prompts, args.seeds, args.seed, **call)
     except (ValueError, FileNotFoundError, OSError) as err:
