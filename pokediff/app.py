@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -149,6 +150,19 @@ class SpriteModel:
             self.generator, self.meta = load_generator(self.source, use_ema=True, device=self.device)
 
     @property
+    def default_guidance(self) -> float:
+        """The model's own classifier-free guidance (its folder's ``guidance_scale``), read without loading it."""
+        if self.pipeline is not None:
+            return float(self.pipeline.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+        if self.is_diffusion:  # a folder, or the shipped model's name; another hub name is not read here
+            from pokediff.pipeline import shipped_model_path
+
+            index = (shipped_model_path(self.source) or Path(self.source).expanduser()) / "model_index.json"
+            if index.is_file():
+                return float(json.loads(index.read_text()).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+        return DEFAULT_GUIDANCE_SCALE
+
+    @property
     def max_text_length(self) -> int | None:
         return self.pipeline.config.max_text_length if self.pipeline is not None else None
 
@@ -218,7 +232,7 @@ class SpriteDemo:
                 0,
                 False,
                 warm_steps,
-                DEFAULT_GUIDANCE_SCALE,
+                model.default_guidance,
                 SAVED_SCHEDULER,
                 False,
                 ANY_TYPE,
@@ -435,7 +449,7 @@ def build_demo(demo_models: SpriteDemo) -> gr.Blocks:
                 with gr.Row():
                     num_sprites = gr.Slider(1, MAX_SPRITES, value=4, step=1, label="Sprites", elem_id="num_sprites")
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance")
+                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=first.default_guidance, step=0.5, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Randomize seed")

@@ -48,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=8, help="sprites per prompt (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sprite; sprite k uses seed+k")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, >= 1 (default 4)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, >= 1 (default: the model's own, 4 unless its folder sets another)",
+    )
     p.add_argument(
         "--shape-guidance",
         type=float,

@@ -134,6 +134,9 @@ class PokeSpritePipeline(DiffusionPipeline):
     body"), each of the first ``SHAPE_GUIDANCE_END`` of the steps moves the sampler's clean-latent estimate up the
     gradient of the classifier's log-probability of that shape (classifier guidance on the decoded estimate);
     ``shape_guidance_scale`` (config: the default of ``__call__``'s argument) sets how far.
+
+    ``guidance_scale`` (config): the classifier-free guidance ``__call__`` uses when not given one; training
+    records its ``scheduler.guidance_scale`` (4), and a folder may set another that suits its weights.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -153,6 +156,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         text_encoder_name: str | None = None,
         shape_classifier: ModelMixin | None = None,
         shape_guidance_scale: float = 0.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     ):
         super().__init__()
         if text_encoder is None or tokenizer is None:
@@ -175,6 +179,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         if int(max_text_length) < 2 or (model_max is not None and model_max < 100_000 and max_text_length > model_max):
             raise ValueError(f"max_text_length must be 2..{model_max} tokens for this tokenizer, got {max_text_length}")
         self._check_shape_guidance_scale(shape_guidance_scale, shape_classifier)
+        self._check_guidance_scale(guidance_scale)
         self.register_modules(
             vae=vae,
             unet=unet,
@@ -188,6 +193,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             background=background,
             text_encoder_name=text_encoder_name,
             shape_guidance_scale=float(shape_guidance_scale),
+            guidance_scale=float(guidance_scale),
         )
 
     def text_encoder_saved_by_name(self) -> bool:
@@ -445,17 +451,7 @@ class PokeSpritePipeline(DiffusionPipeline):
                 )
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if (
-            not isinstance(guidance_scale, (int, float))
-            or isinstance(guidance_scale, bool)
-            or not guidance_scale >= 1
-            or math.isinf(guidance_scale)
-        ):
-            # `not >= 1` also refuses NaN, which would otherwise switch guidance off without a word
-            raise ValueError(
-                f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), "
-                f"got {guidance_scale!r}"
-            )
+        self._check_guidance_scale(guidance_scale)
         n = num_images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
@@ -480,6 +476,14 @@ class PokeSpritePipeline(DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}"
             )
         self._check_shape_guidance_scale(shape_guidance_scale, self.shape_classifier)
+
+    @staticmethod
+    def _check_guidance_scale(scale) -> None:
+        # `not >= 1` also refuses NaN, which would otherwise switch guidance off without a word
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1 or math.isinf(scale):
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got {scale!r}"
+            )
 
     @staticmethod
     def _check_shape_guidance_scale(scale, shape_classifier) -> None:
@@ -671,7 +675,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -689,7 +693,8 @@ class PokeSpritePipeline(DiffusionPipeline):
             prompt: a caption or a list of captions; "" samples unconditionally.
             negative_prompt: replaces the empty caption on the unconditional side of guidance.
             num_inference_steps: denoising steps (>= 1).
-            guidance_scale: classifier-free guidance weight (>= 1; 1 disables guidance).
+            guidance_scale: classifier-free guidance weight (>= 1; 1 disables guidance; None = the folder's
+                ``guidance_scale``, 4 unless the folder sets another).
             num_images_per_prompt: images per caption.
             generator: a ``torch.Generator`` or one per image, for reproducible sampling.
             latents: initial noise (N, C, h, w), instead of sampling it.
@@ -710,6 +715,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         # 1. Check inputs
         if shape_guidance_scale is None:
             shape_guidance_scale = self.config.get("shape_guidance_scale", 0.0)
+        if guidance_scale is None:
+            guidance_scale = self.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         self.check_inputs(
             prompt,
             negative_prompt,

@@ -129,6 +129,21 @@ def test_a_vanished_model_folder_is_an_error_and_the_others_keep_working(pipelin
     assert len(items) == 1
 
 
+def test_the_guidance_slider_starts_at_the_models_own_guidance(pipeline_dir, tmp_path):
+    folder = tmp_path / "guided8"
+    shutil.copytree(pipeline_dir, folder)
+    index = folder / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "guidance_scale": 8.0}))
+    demo_models = SpriteDemo([str(folder), str(pipeline_dir)])
+    first, second = demo_models.models.values()
+    assert (first.default_guidance, second.default_guidance) == (8.0, 4.0)  # read before any weights load
+    assert not first.loaded
+    slider = next(b for b in build_demo(demo_models).blocks.values() if getattr(b, "label", None) == "Guidance")
+    assert slider.value == 8.0
+    first.load()
+    assert first.default_guidance == first.pipeline.config.guidance_scale == 8.0
+
+
 def test_optimize_cpu_compiles_the_loaded_pipelines_unet(pipeline_dir):
     demo_models = SpriteDemo([str(pipeline_dir)], device="cpu", optimize_cpu=True)
     model = demo_models.default_model

@@ -96,6 +96,7 @@ def test_pipeline_scored_by_the_cli(pipeline_dir, tiny_data_root, tmp_path):
     validate_result(written)
     assert set(RESULT_KEYS) <= set(written) and set(written["metrics"]) == set(METRIC_KEYS)
     assert written["model"]["kind"] == "diffusion" and written["num_samples"] == 3
+    assert written["model"]["details"]["guidance_scale"] == 2.0  # what the samples were drawn with
     assert written["protocol"] == "held-out" and written["split"] == "val" and written["seed"] == 0
     assert written["feature_extractor"] == "pixels-avgpool4" and written["clip_scorer"] == "test:caption-length"
     m = written["metrics"]

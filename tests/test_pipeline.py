@@ -275,6 +275,35 @@ def test_overlong_prompt_truncated_with_warning(pipe, caplog):
     assert torch.equal(run(pipe, long_prompt, output_type="latent"), run(pipe, other_tail, output_type="latent"))
 
 
+def test_folder_guidance_scale_is_the_default(pipe, tmp_path):
+    unguided = PokeSpritePipeline(**pipe.components, max_text_length=pipe.config.max_text_length, guidance_scale=1.0)
+    unguided.set_progress_bar_config(disable=True)
+    assert pipe.config.guidance_scale == 4.0  # the default when a folder sets none
+    assert torch.equal(run(unguided, output_type="latent"), run(pipe, guidance_scale=1.0, output_type="latent"))
+    assert not torch.equal(run(unguided, output_type="latent"), run(pipe, output_type="latent"))
+    assert torch.equal(run(unguided, guidance_scale=4.0, output_type="latent"), run(pipe, output_type="latent"))
+    unguided.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["guidance_scale"] == 1.0
+    assert PokeSpritePipeline.from_pretrained(tmp_path / "saved").config.guidance_scale == 1.0
+    with pytest.raises(ValueError, match="`guidance_scale` must be a finite number >= 1"):
+        PokeSpritePipeline(**pipe.components, max_text_length=pipe.config.max_text_length, guidance_scale=0.5)
+
+
+def test_export_sets_the_folders_guidance_also_in_place(saved, tmp_path):
+    from pokediff.pretrained import export_pipeline
+
+    dest = tmp_path / "exported"
+    report = export_pipeline(saved, dest, guidance_scale=8, record_sample=tmp_path / "sample.png")
+    assert json.loads((dest / "model_index.json").read_text())["guidance_scale"] == 8.0
+    assert report["max_pixel_change_of_half_precision"] < 255 and (tmp_path / "sample.png").is_file()
+    (dest / "README.md").write_text("the card")
+    export_pipeline(dest, dest, guidance_scale=2.5)  # onto itself: only the default changes
+    assert PokeSpritePipeline.from_pretrained(dest).config.guidance_scale == 2.5
+    assert (dest / "README.md").read_text() == "the card"
+    with pytest.raises(ValueError, match="guidance_scale"):
+        export_pipeline(dest, dest, guidance_scale=0)
+
+
 def test_batched_sampling_with_given_seeds(pipe):
     from pokediff.eval.sampling import pipeline_batches
 

@@ -62,7 +62,9 @@ class DiffusionSampler:
         return _hash_json(configs)
 
     def describe(self) -> dict:
-        return {"scheduler": type(self.pipeline.scheduler).__name__, **self.call_kwargs}
+        # the guidance the samples were drawn with, the folder's own when not overridden
+        guidance = self.pipeline.config.get("guidance_scale", 4.0)
+        return {"scheduler": type(self.pipeline.scheduler).__name__, "guidance_scale": guidance, **self.call_kwargs}
 
     @torch.no_grad()
     def sample(

@@ -45,21 +45,26 @@ def export_pipeline(
     half: bool = True,
     check_prompts: tuple[str, ...] = ("a small green creature",),
     record_sample=None,
+    guidance_scale: float | None = None,
 ) -> dict:
     """Save the pipeline folder ``source`` as ``dest`` with the U-Net's weights in half precision (loaded back as
     float32, as diffusers does by default); the VAE stays float32 (2.6 MB: it defines the latents a later chunk
     trains on). The model card comes along. Returns the folder size and the largest pixel change half precision
     makes on a few seeded samples (fp32 weights vs half); ``record_sample`` (a .png path) also saves the exported
-    model's ``reference_sample()``."""
+    model's ``reference_sample()``; ``guidance_scale`` sets the folder's default classifier-free guidance (a folder
+    may be exported onto itself to change only that)."""
     from pokediff.pipeline import PokeSpritePipeline
 
     source, dest = Path(source), Path(dest)
     full = PokeSpritePipeline.from_pretrained(source)
     full.set_progress_bar_config(disable=True)
+    if guidance_scale is not None:
+        full._check_guidance_scale(guidance_scale)
+        full.register_to_config(guidance_scale=float(guidance_scale))
     if half:
         full.unet.to(torch.float16)
     full.save_pretrained(dest)
-    if (source / "README.md").is_file():
+    if (source / "README.md").is_file() and source.resolve() != dest.resolve():
         from pokediff.hub import update_model_card
 
         shutil.copyfile(source / "README.md", dest / "README.md")
@@ -96,10 +101,17 @@ def main(argv=None) -> int:
         metavar="PNG",
         help="also save the exported model's reference_sample() here (tests/reference/pokediff-64_2step.png)",
     )
+    parser.add_argument(
+        "--guidance", type=float, help="the folder's default classifier-free guidance (default: the source's)"
+    )
     args = parser.parse_args(argv)
     try:
         report = export_pipeline(
-            args.source, SHIPPED_DIR / args.name, half=not args.full_precision, record_sample=args.record_sample
+            args.source,
+            SHIPPED_DIR / args.name,
+            half=not args.full_precision,
+            record_sample=args.record_sample,
+            guidance_scale=args.guidance,
         )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

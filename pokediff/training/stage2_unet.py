@@ -273,6 +273,7 @@ def assemble_pipeline(
         text_encoder_name=name if by_name else None,
         shape_classifier=shape_classifier,
         shape_guidance_scale=shape_guidance_scale,
+        guidance_scale=cfg.scheduler.guidance_scale,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
