@@ -153,7 +153,7 @@ class SpriteModel:
     def default_guidance(self) -> float:
         """The model's own classifier-free guidance (its folder's ``guidance_scale``), read without loading it."""
         if self.pipeline is not None:
-            return float(self.pipeline.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+            return float(self.pipeline.config.guidance_scale)
         if self.is_diffusion:  # a folder, or the shipped model's name; another hub name is not read here
             from pokediff.pipeline import shipped_model_path
 

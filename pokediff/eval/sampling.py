@@ -62,8 +62,8 @@ class DiffusionSampler:
         return _hash_json(configs)
 
     def describe(self) -> dict:
-        # the guidance the samples were drawn with, the folder's own when not overridden
-        guidance = self.pipeline.config.get("guidance_scale", 4.0)
+        # the guidance the samples were drawn with: the folder's own (always in the pipeline's config) unless overridden
+        guidance = self.pipeline.config.guidance_scale
         return {"scheduler": type(self.pipeline.scheduler).__name__, "guidance_scale": guidance, **self.call_kwargs}
 
     @torch.no_grad()
