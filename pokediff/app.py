@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -155,11 +154,11 @@ class SpriteModel:
         if self.pipeline is not None:
             return float(self.pipeline.config.guidance_scale)
         if self.is_diffusion:  # a folder, or the shipped model's name; another hub name is not read here
-            from pokediff.pipeline import shipped_model_path
+            from pokediff.pipeline import PokeSpritePipeline, shipped_model_path
 
-            index = (shipped_model_path(self.source) or Path(self.source).expanduser()) / "model_index.json"
-            if index.is_file():
-                return float(json.loads(index.read_text()).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+            folder = shipped_model_path(self.source) or Path(self.source).expanduser()
+            if (folder / "model_index.json").is_file():  # folders saved before it was a config key lack it
+                return float(PokeSpritePipeline.load_config(folder).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
         return DEFAULT_GUIDANCE_SCALE
 
     @property

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_NUM_INFERENCE_STEPS = 25
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+TRUNCATION_MARKER = "pokediff_prompts_truncated"  # set on the "N of M prompts ... truncated" log record
 PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 # a component a folder may have: the body-shape classifier of shape guidance (stage 3's method "shape_guidance")
 OPTIONAL_COMPONENTS = ("shape_classifier",)
@@ -502,7 +503,12 @@ class PokeSpritePipeline(DiffusionPipeline):
         cut = sum(len(ids) > max_length for ids in full)
         if cut:
             logger.warning(
-                "%d of %d %s are longer than %d tokens and were truncated", cut, len(captions), what, max_length
+                "%d of %d %s are longer than %d tokens and were truncated",
+                cut,
+                len(captions),
+                what,
+                max_length,
+                extra={TRUNCATION_MARKER: True},  # lets a caller that already counted the whole list drop this line
             )
 
     def _tokenize(self, captions: list[str]):

@@ -117,7 +117,9 @@ class _DropTruncationWarnings(logging.Filter):
     """Drops the pipeline's per-call 'N of M prompts are longer than ...' lines (already counted for the list)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "are longer than" not in str(record.msg)
+        from pokediff.pipeline import TRUNCATION_MARKER
+
+        return not getattr(record, TRUNCATION_MARKER, False)
 
 
 def _generator_is_conditional(meta: dict) -> bool:
