@@ -55,6 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="classifier-free guidance scale, >= 1 (default: the model's own, 4 unless its folder sets another)",
     )
     p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("START", "STOP"),
+        help="guide only the steps from START to STOP (fractions of --steps; the rest run the U-Net once, faster); "
+        "default: the model's own, all steps unless its folder sets another",
+    )
+    p.add_argument(
         "--shape-guidance",
         type=float,
         default=None,
@@ -85,6 +94,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if args.shape_guidance is not None and not args.shape_guidance >= 0:  # before the model loads
         raise ValueError(f"--shape-guidance must be >= 0 (0 = off), got {args.shape_guidance}")
+    if args.guidance_interval is not None:
+        try:
+            PokeSpritePipeline._check_guidance_interval(args.guidance_interval)
+        except ValueError as err:
+            raise ValueError(f"--guidance-interval: {err}") from None
     last_seed = MAX_SEED - (args.num - 1)
     if not 0 <= args.seed <= last_seed:
         # sprite k uses seed + k, and torch seeds are unsigned 64-bit integers
@@ -108,6 +122,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             negative_prompt=args.negative,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
+            guidance_interval=args.guidance_interval,
             generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk],
             rgba=args.rgba,
             output_type="pil",

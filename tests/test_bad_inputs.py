@@ -340,6 +340,12 @@ def pipeline_dir(tmp_path_factory):
         ),
         (["--seed", str(2**64 - 1), "--num", "2"], f"--seed must be in 0..{2**64 - 2} with --num 2"),
         (["--seed", "-1"], "--seed must be in 0.."),
+        (
+            ["--guidance-interval", "0.7", "0.2"],
+            "--guidance-interval: `guidance_interval` must be (start, stop) fractions of the steps with 0 <= start < "
+            "stop <= 1, got [0.7, 0.2]",
+        ),
+        (["--guidance-interval", "0", "nan"], "--guidance-interval: `guidance_interval` must be (start, stop)"),
         (["--shape-guidance", "-1"], "--shape-guidance must be >= 0 (0 = off), got -1.0"),
         (["--shape-guidance", "nan"], "--shape-guidance must be >= 0 (0 = off), got nan"),
         (["--out", "{tmp}/afile/x.png"], "--out {tmp}/afile/x.png: {tmp}/afile is a file, not a folder"),

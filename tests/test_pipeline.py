@@ -289,6 +289,34 @@ def test_folder_guidance_scale_is_the_default(pipe, tmp_path):
         PokeSpritePipeline(**pipe.components, max_text_length=pipe.config.max_text_length, guidance_scale=0.5)
 
 
+def test_guidance_interval_guides_only_its_steps(pipe, tmp_path):
+    batch_sizes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        everywhere = run(pipe, num_inference_steps=5, output_type="latent")
+        assert batch_sizes == [2] * 5  # the default interval (0, 1): every step guided
+        batch_sizes.clear()
+        partly = run(pipe, num_inference_steps=5, guidance_interval=(0.2, 0.6), output_type="latent")
+        assert batch_sizes == [1, 2, 2, 1, 1]  # steps int(0.2 * 5) = 1 up to int(0.6 * 5) = 3
+        batch_sizes.clear()
+        run(pipe, num_inference_steps=5, guidance_scale=1.0, guidance_interval=(0.2, 0.6), output_type="latent")
+        assert batch_sizes == [1] * 5
+    finally:
+        hook.remove()
+    assert not torch.equal(everywhere, partly)
+    assert torch.equal(everywhere, run(pipe, num_inference_steps=5, guidance_interval=[0, 1], output_type="latent"))
+    interval_folder = PokeSpritePipeline(
+        **pipe.components, max_text_length=pipe.config.max_text_length, guidance_interval=[0.2, 0.6]
+    )
+    interval_folder.set_progress_bar_config(disable=True)
+    assert torch.equal(partly, run(interval_folder, num_inference_steps=5, output_type="latent"))
+    interval_folder.save_pretrained(tmp_path / "saved")
+    assert PokeSpritePipeline.from_pretrained(tmp_path / "saved").config.guidance_interval == [0.2, 0.6]
+    for bad in [(0.6, 0.2), (0.0, 1.5), (-0.1, 0.5), (0.5,), (0.2, float("nan")), (True, 1.0)]:
+        with pytest.raises(ValueError, match=r"`guidance_interval` must be \(start, stop\) fractions"):
+            run(pipe, guidance_interval=bad)
+
+
 def test_export_sets_the_folders_guidance_also_in_place(saved, tmp_path):
     from pokediff.pretrained import export_pipeline
 
@@ -302,11 +330,14 @@ def test_export_sets_the_folders_guidance_also_in_place(saved, tmp_path):
     report = export_pipeline(in_place, in_place)  # onto itself: the fp32 weights are drawn before they are replaced
     assert 0 < report["max_pixel_change_of_half_precision"] < 5
     (dest / "README.md").write_text("the card")
-    export_pipeline(dest, dest, guidance_scale=2.5)  # onto itself: only the default changes
+    export_pipeline(dest, dest, guidance_scale=2.5, guidance_interval=(0.1, 0.7))  # onto itself: only the defaults
     assert PokeSpritePipeline.from_pretrained(dest).config.guidance_scale == 2.5
+    assert PokeSpritePipeline.from_pretrained(dest).config.guidance_interval == [0.1, 0.7]
     assert (dest / "README.md").read_text() == "the card"
     with pytest.raises(ValueError, match="guidance_scale"):
         export_pipeline(dest, dest, guidance_scale=0)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        export_pipeline(dest, dest, guidance_interval=(0.7, 0.1))
 
 
 def test_batched_sampling_with_given_seeds(pipe):

@@ -63,8 +63,13 @@ class DiffusionSampler:
 
     def describe(self) -> dict:
         # the guidance the samples were drawn with: the folder's own (always in the pipeline's config) unless overridden
-        guidance = self.pipeline.config.guidance_scale
-        return {"scheduler": type(self.pipeline.scheduler).__name__, "guidance_scale": guidance, **self.call_kwargs}
+        config = self.pipeline.config
+        return {
+            "scheduler": type(self.pipeline.scheduler).__name__,
+            "guidance_scale": config.guidance_scale,
+            "guidance_interval": list(config.guidance_interval),
+            **self.call_kwargs,
+        }
 
     @torch.no_grad()
     def sample(

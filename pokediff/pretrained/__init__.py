@@ -46,13 +46,14 @@ def export_pipeline(
     check_prompts: tuple[str, ...] = ("a small green creature",),
     record_sample=None,
     guidance_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> dict:
     """Save the pipeline folder ``source`` as ``dest`` with the U-Net's weights in half precision (loaded back as
     float32, as diffusers does by default); the VAE stays float32 (2.6 MB: it defines the latents a later chunk
     trains on). The model card comes along. Returns the folder size and the largest pixel change half precision
     makes on a few seeded samples (fp32 weights vs half); ``record_sample`` (a .png path) also saves the exported
-    model's ``reference_sample()``; ``guidance_scale`` sets the folder's default classifier-free guidance (a folder
-    may be exported onto itself to change only that)."""
+    model's ``reference_sample()``; ``guidance_scale`` and ``guidance_interval`` set the folder's default
+    classifier-free guidance and the steps it applies to (a folder may be exported onto itself to change only those)."""
     from pokediff.pipeline import PokeSpritePipeline
 
     source, dest = Path(source), Path(dest)
@@ -61,6 +62,9 @@ def export_pipeline(
     if guidance_scale is not None:
         full._check_guidance_scale(guidance_scale)
         full.register_to_config(guidance_scale=float(guidance_scale))
+    if guidance_interval is not None:
+        full._check_guidance_interval(guidance_interval)
+        full.register_to_config(guidance_interval=[float(f) for f in guidance_interval])
 
     def draw(pipe):
         generators = [torch.Generator().manual_seed(k) for k in range(len(check_prompts))]
@@ -105,6 +109,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--guidance", type=float, help="the folder's default classifier-free guidance (default: the source's)"
     )
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("START", "STOP"),
+        help="the fractions of the steps that classifier-free guidance applies to (default: the source's)",
+    )
     args = parser.parse_args(argv)
     try:
         report = export_pipeline(
@@ -113,6 +124,7 @@ def main(argv=None) -> int:
             half=not args.full_precision,
             record_sample=args.record_sample,
             guidance_scale=args.guidance,
+            guidance_interval=args.guidance_interval,
         )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

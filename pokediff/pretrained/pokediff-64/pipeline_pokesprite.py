@@ -138,6 +138,9 @@ class PokeSpritePipeline(DiffusionPipeline):
 
     ``guidance_scale`` (config): the classifier-free guidance ``__call__`` uses when not given one; training
     records its ``scheduler.guidance_scale`` (4), and a folder may set another that suits its weights.
+    ``guidance_interval`` (config, ``(start, stop)`` fractions of the steps): classifier-free guidance applies only
+    to steps ``int(start * n) <= i < int(stop * n)`` (diffusers' guiders' ``start``/``stop``); the other steps run
+    the U-Net once, on the prompt alone (Kynkäänniemi et al. 2024: guidance at high noise costs diversity).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -158,6 +161,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         shape_classifier: ModelMixin | None = None,
         shape_guidance_scale: float = 0.0,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_interval: list[float] | tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__()
         if text_encoder is None or tokenizer is None:
@@ -181,6 +185,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             raise ValueError(f"max_text_length must be 2..{model_max} tokens for this tokenizer, got {max_text_length}")
         self._check_shape_guidance_scale(shape_guidance_scale, shape_classifier)
         self._check_guidance_scale(guidance_scale)
+        self._check_guidance_interval(guidance_interval)
         self.register_modules(
             vae=vae,
             unet=unet,
@@ -195,6 +200,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             text_encoder_name=text_encoder_name,
             shape_guidance_scale=float(shape_guidance_scale),
             guidance_scale=float(guidance_scale),
+            guidance_interval=[float(f) for f in guidance_interval],
         )
 
     def text_encoder_saved_by_name(self) -> bool:
@@ -442,6 +448,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
         shape_guidance_scale=0.0,
+        guidance_interval=(0.0, 1.0),
     ) -> None:
         num_prompts = self._check_prompt(prompt, "prompt")
         if negative_prompt is not None:
@@ -453,6 +460,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
         self._check_guidance_scale(guidance_scale)
+        self._check_guidance_interval(guidance_interval)
         n = num_images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
@@ -484,6 +492,16 @@ class PokeSpritePipeline(DiffusionPipeline):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1 or math.isinf(scale):
             raise ValueError(
                 f"`guidance_scale` must be a finite number >= 1 (1 = no classifier-free guidance), got {scale!r}"
+            )
+
+    @staticmethod
+    def _check_guidance_interval(interval) -> None:
+        ok = isinstance(interval, (tuple, list)) and len(interval) == 2
+        ok = ok and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in interval)
+        if not (ok and 0 <= interval[0] < interval[1] <= 1):
+            raise ValueError(
+                "`guidance_interval` must be (start, stop) fractions of the steps with 0 <= start < stop <= 1, "
+                f"got {interval!r}"
             )
 
     @staticmethod
@@ -623,15 +641,18 @@ class PokeSpritePipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
         shape_targets: torch.Tensor | None = None,
         shape_guidance_scale: float = 0.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampling loop; returns the final latents and the (possibly callback-replaced) prompt embeddings.
         ``shape_targets``: (N,) the shape group each sample's prompt names (-1: none), for shape guidance."""
         shape_steps = 0
         if shape_targets is not None and shape_guidance_scale > 0 and bool((shape_targets >= 0).any()):
             shape_steps = math.ceil(SHAPE_GUIDANCE_END * len(timesteps))
+        first_guided, stop_guided = (int(f * len(timesteps)) for f in guidance_interval)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                if self.do_classifier_free_guidance:
+                guided = self.do_classifier_free_guidance and first_guided <= i < stop_guided
+                if guided:
                     model_input = torch.cat([latents, latents])
                     text = torch.cat([negative_prompt_embeds, prompt_embeds])
                     text_mask = torch.cat([negative_mask, prompt_mask])
@@ -641,7 +662,7 @@ class PokeSpritePipeline(DiffusionPipeline):
                 noise_pred = self.unet(
                     model_input, t, encoder_hidden_states=text, encoder_attention_mask=text_mask, return_dict=False
                 )[0].to(latents.dtype)
-                if self.do_classifier_free_guidance:
+                if guided:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + self.guidance_scale * (cond - uncond)
                 if i < shape_steps:
@@ -692,6 +713,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         shape_guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ):
         r"""Generate sprites.
 
@@ -711,6 +733,9 @@ class PokeSpritePipeline(DiffusionPipeline):
             shape_guidance_scale: how hard shape guidance pulls towards the body shape a prompt names (0 = off;
                 None = the folder's ``shape_guidance_scale``); needs a ``shape_classifier``. Prompts that name no
                 shape are sampled as without it.
+            guidance_interval: ``(start, stop)``: classifier-free guidance only on steps ``int(start * n) <= i <
+                int(stop * n)`` of ``n``; the rest cost one U-Net pass instead of two (None = the folder's
+                ``guidance_interval``, all steps unless the folder sets another).
 
         Returns:
             ``ImagePipelineOutput(images)`` (or a tuple if ``return_dict=False``).
@@ -723,6 +748,8 @@ class PokeSpritePipeline(DiffusionPipeline):
             shape_guidance_scale = self.config.get("shape_guidance_scale", 0.0)
         if guidance_scale is None:
             guidance_scale = self.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        if guidance_interval is None:
+            guidance_interval = tuple(self.config.get("guidance_interval", (0.0, 1.0)))
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -735,6 +762,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             shape_guidance_scale,
+            guidance_interval,
         )
         self._guidance_scale = guidance_scale
 
@@ -776,6 +804,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             shape_targets,
             shape_guidance_scale,
+            guidance_interval,
         )
 
         # 8. Decode and convert to the requested output
