@@ -404,7 +404,8 @@ class PokeSpritePipeline(DiffusionPipeline):
         """Sample about twice as fast on a CPU: the U-Net in ``dtype`` (the latents and the guidance arithmetic stay
         float32), compiled by inductor with its weights frozen into the graph and a C++ wrapper between kernels.
 
-        The first call for each batch size compiles (about a minute on 2 cores; inductor caches it on disk), so it
+        The first call for each batch size compiles (about a minute on 2 cores; inductor caches it on disk; with a
+        ``guidance_interval`` short of all steps, a call runs two batch sizes, guided and not), so it
         pays in a process that draws many sprites (the demo, a batch job), not in a one-off command. Needs a C++
         compiler. The weights are frozen into the compiled graph: load the pipeline again to change them, and save
         from a pipeline that was not optimized. Returns the pipeline.
