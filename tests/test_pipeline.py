@@ -301,6 +301,9 @@ def test_guidance_interval_guides_only_its_steps(pipe, tmp_path):
         batch_sizes.clear()
         run(pipe, num_inference_steps=5, guidance_scale=1.0, guidance_interval=(0.2, 0.6), output_type="latent")
         assert batch_sizes == [1] * 5
+        batch_sizes.clear()
+        run(pipe, num_inference_steps=1, guidance_interval=(0.12, 0.72), output_type="latent")
+        assert batch_sizes == [2]  # int(0.72 * 1) = 0 would guide no step: an interval guides at least one
     finally:
         hook.remove()
     assert not torch.equal(everywhere, partly)

@@ -139,8 +139,9 @@ class PokeSpritePipeline(DiffusionPipeline):
     ``guidance_scale`` (config): the classifier-free guidance ``__call__`` uses when not given one; training
     records its ``scheduler.guidance_scale`` (4), and a folder may set another that suits its weights.
     ``guidance_interval`` (config, ``(start, stop)`` fractions of the steps): classifier-free guidance applies only
-    to steps ``int(start * n) <= i < int(stop * n)`` (diffusers' guiders' ``start``/``stop``); the other steps run
-    the U-Net once, on the prompt alone (Kynkäänniemi et al. 2024: guidance at high noise costs diversity).
+    to steps ``int(start * n) <= i < int(stop * n)`` (diffusers' guiders' ``start``/``stop``; at least one step); the
+    other steps run the U-Net once, on the prompt alone (Kynkäänniemi et al. 2024: guidance at high noise costs
+    diversity).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -650,6 +651,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         if shape_targets is not None and shape_guidance_scale > 0 and bool((shape_targets >= 0).any()):
             shape_steps = math.ceil(SHAPE_GUIDANCE_END * len(timesteps))
         first_guided, stop_guided = (int(f * len(timesteps)) for f in guidance_interval)
+        stop_guided = max(stop_guided, first_guided + 1)  # a narrow interval on few steps still guides one
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 guided = self.do_classifier_free_guidance and first_guided <= i < stop_guided
@@ -735,7 +737,7 @@ class PokeSpritePipeline(DiffusionPipeline):
                 None = the folder's ``shape_guidance_scale``); needs a ``shape_classifier``. Prompts that name no
                 shape are sampled as without it.
             guidance_interval: ``(start, stop)``: classifier-free guidance only on steps ``int(start * n) <= i <
-                int(stop * n)`` of ``n``; the rest cost one U-Net pass instead of two (None = the folder's
+                int(stop * n)`` of ``n`` (at least one); the rest cost one U-Net pass instead of two (None = the folder's
                 ``guidance_interval``, all steps unless the folder sets another).
 
         Returns:
