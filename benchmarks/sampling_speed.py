@@ -101,7 +101,7 @@ def time_plain_loop(pipe, n, steps, guidance, batch_size, device) -> float:
             out = unet(x, t, encoder_hidden_states=text, encoder_attention_mask=mask, return_dict=False)[0]
             eps_uncond, eps_cond = out.float().chunk(2)
             latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
-        vae.decode(vae.unscale_latents(latents)).sample.clamp(-1, 1)
+        vae.decode(vae.unscale_latents(latents).to(vae.dtype)).sample.clamp(-1, 1)
     _sync(device)
     return time.perf_counter() - start
 

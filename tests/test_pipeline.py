@@ -20,6 +20,7 @@ from tiny import TINY_LATENT_CHANNELS, TINY_MAX_TEXT_LENGTH, load_benchmark, tin
 
 from pokediff.config import SchedulerConfig
 from pokediff.hub import build_model_card, write_model_card
+from pokediff.models.shape_classifier import SpriteShapeClassifier
 from pokediff.pipeline import PokeSpritePipeline
 from pokediff.postprocess import background_alpha
 from pokediff.schedulers import build_inference_scheduler, build_noise_scheduler, make_inference_scheduler
@@ -191,10 +192,19 @@ def test_a_bfloat16_unet_samples_with_float32_latents(pipe):
 
 
 def test_optimize_for_cpu_draws_what_the_float32_pipeline_draws(pipe):
-    fast = with_components(pipe, unet=copy.deepcopy(pipe.unet)).optimize_for_cpu()
+    torch.manual_seed(0)
+    classifier = SpriteShapeClassifier(block_out_channels=(8, 8), norm_num_groups=4).eval()
+    fast = with_components(
+        pipe, unet=copy.deepcopy(pipe.unet), vae=copy.deepcopy(pipe.vae), shape_classifier=classifier
+    ).optimize_for_cpu()
     assert is_compiled_module(fast.unet) and fast.unet.dtype == torch.bfloat16
+    assert fast.vae.dtype == fast.shape_classifier.dtype == torch.bfloat16  # shape guidance's backward pass too
+    assert pipe.vae.dtype == torch.float32  # the pipeline it was copied from is untouched
     a, b = run(pipe, guidance_scale=4.0), run(fast, guidance_scale=4.0)
-    assert (a - b).abs().mean() < 0.01
+    assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.01
+    winged = "a red creature with wings"  # names a shape: guided through the bfloat16 decoder and classifier
+    steered, plain = run(fast, winged, shape_guidance_scale=1e7), run(fast, winged, shape_guidance_scale=0.0)
+    assert steered.dtype == torch.float32 and torch.isfinite(steered).all() and (steered - plain).abs().max() > 1e-4
     with pytest.raises(ValueError, match="already compiled"):
         fast.optimize_for_cpu()
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_NUM_INFERENCE_STEPS = 25
+DEFAULT_GUIDANCE_INTERVAL = (0.0, 1.0)  # classifier-free guidance on every step
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRUNCATION_MARKER = "pokediff_prompts_truncated"  # set on the "N of M prompts ... truncated" log record
 PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -162,7 +163,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         shape_classifier: ModelMixin | None = None,
         shape_guidance_scale: float = 0.0,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        guidance_interval: list[float] | tuple[float, float] = (0.0, 1.0),
+        guidance_interval: list[float] | tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
     ):
         super().__init__()
         if text_encoder is None or tokenizer is None:
@@ -403,7 +404,9 @@ class PokeSpritePipeline(DiffusionPipeline):
     # -------------------------------------------------------------- speed
     def optimize_for_cpu(self, dtype: torch.dtype = torch.bfloat16) -> "PokeSpritePipeline":
         """Sample about twice as fast on a CPU: the U-Net in ``dtype`` (the latents and the guidance arithmetic stay
-        float32), compiled by inductor with its weights frozen into the graph and a C++ wrapper between kernels.
+        float32), compiled by inductor with its weights frozen into the graph and a C++ wrapper between kernels. The
+        VAE and the shape classifier run in ``dtype`` too (not compiled: shape guidance back-propagates through both
+        on each guided step, and inductor's training graphs were slower there).
 
         The first call for each batch size compiles (about a minute on 2 cores; inductor caches it on disk; with a
         ``guidance_interval`` short of all steps, a call runs two batch sizes, guided and not), so it
@@ -417,8 +420,10 @@ class PokeSpritePipeline(DiffusionPipeline):
             raise ValueError(f"optimize_for_cpu: the pipeline is on {self.device}; it optimizes CPU sampling only")
         if is_compiled_module(self.unet):
             raise ValueError("optimize_for_cpu: the U-Net is already compiled; load the pipeline again to redo it")
-        # nn.Module.to, not ModelMixin.to: the latter warns about float32-only modules this U-Net does not have
-        torch.nn.Module.to(self.unet, dtype=dtype)
+        # nn.Module.to, not ModelMixin.to: the latter warns about float32-only modules these models do not have
+        for model in (self.unet, self.vae, self.shape_classifier):
+            if model is not None:
+                torch.nn.Module.to(model, dtype=dtype)
         self.unet = torch.compile(self.unet, dynamic=False, options={"freezing": True, "cpp_wrapper": True})
         return self
 
@@ -450,7 +455,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
         shape_guidance_scale=0.0,
-        guidance_interval=(0.0, 1.0),
+        guidance_interval=DEFAULT_GUIDANCE_INTERVAL,
     ) -> None:
         num_prompts = self._check_prompt(prompt, "prompt")
         if negative_prompt is not None:
@@ -601,9 +606,10 @@ class PokeSpritePipeline(DiffusionPipeline):
         # decode_latents with gradients where the caller enables them (shape guidance)
         latents = self.vae.unscale_latents(latents)
         cross = self.vae.decoder_cross_attn is not None
+        vae_dtype = self.vae.dtype
         image = self.vae.decode(
-            latents.to(self.vae.dtype),
-            encoder_hidden_states=prompt_embeds.to(self.vae.dtype) if cross else None,
+            latents.to(vae_dtype),
+            encoder_hidden_states=prompt_embeds.to(vae_dtype) if cross else None,
             encoder_attention_mask=prompt_mask if cross else None,
         ).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
@@ -643,7 +649,7 @@ class PokeSpritePipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
         shape_targets: torch.Tensor | None = None,
         shape_guidance_scale: float = 0.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampling loop; returns the final latents and the (possibly callback-replaced) prompt embeddings.
         ``shape_targets``: (N,) the shape group each sample's prompt names (-1: none), for shape guidance."""
@@ -652,6 +658,7 @@ class PokeSpritePipeline(DiffusionPipeline):
             shape_steps = math.ceil(SHAPE_GUIDANCE_END * len(timesteps))
         first_guided, stop_guided = (int(f * len(timesteps)) for f in guidance_interval)
         stop_guided = max(stop_guided, first_guided + 1)  # a narrow interval on few steps still guides one
+        unet_dtype = self.unet.dtype  # ModelMixin.dtype walks every module (~1 ms for this U-Net): once, not per step
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 guided = self.do_classifier_free_guidance and first_guided <= i < stop_guided
@@ -661,7 +668,7 @@ class PokeSpritePipeline(DiffusionPipeline):
                     text_mask = torch.cat([negative_mask, prompt_mask])
                 else:
                     model_input, text, text_mask = latents, prompt_embeds, prompt_mask
-                model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+                model_input = self.scheduler.scale_model_input(model_input, t).to(unet_dtype)
                 noise_pred = self.unet(
                     model_input, t, encoder_hidden_states=text, encoder_attention_mask=text_mask, return_dict=False
                 )[0].to(latents.dtype)
@@ -748,11 +755,11 @@ class PokeSpritePipeline(DiffusionPipeline):
 
         # 1. Check inputs
         if shape_guidance_scale is None:
-            shape_guidance_scale = self.config.get("shape_guidance_scale", 0.0)
+            shape_guidance_scale = self.config.shape_guidance_scale
         if guidance_scale is None:
-            guidance_scale = self.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+            guidance_scale = self.config.guidance_scale
         if guidance_interval is None:
-            guidance_interval = tuple(self.config.get("guidance_interval", (0.0, 1.0)))
+            guidance_interval = tuple(self.config.guidance_interval)
         self.check_inputs(
             prompt,
             negative_prompt,
